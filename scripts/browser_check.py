@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Open every page of the built book in headless Chromium and fail pages that are not self-contained.
+
+    python scripts/browser_check.py [--html _build/src/_build/html] [--screenshots _build/screenshots]
+
+The site is served on 127.0.0.1 by Python's http.server. A page fails when: a request goes to any
+other host (intercepted and aborted), a JavaScript error is raised or logged (except the benign
+"Identifier 'THEBE_JS_URL' has already been declared" of every Jupyter Book 1 page), a local
+request fails or returns >= 400 (except /favicon.ico), an <img> has not loaded, or an Altair chart
+container (div#altair-viz-*) has no rendered svg/canvas. Prints one line per page and finally
+'N passed, N failed'; exit status 1 if any page failed. Uses the system chromium; never downloads
+a browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BENIGN_JS = ("Identifier 'THEBE_JS_URL' has already been declared",)
+LOCAL_HOSTS = {"127.0.0.1"}
+
+CHARTS_JS = """() => Array.from(document.querySelectorAll('div[id^="altair-viz-"]')).map(d => ({
+  id: d.id, ok: !!d.querySelector('svg, canvas') && !d.querySelector('.error')}))"""
+IMAGES_JS = """() => Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)
+  .map(i => i.getAttribute('src'))"""
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # noqa: D401 - silence the per-request log
+        pass
+
+
+def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def is_favicon(url: str) -> bool:
+    return urlparse(url).path.endswith("/favicon.ico")
+
+
+def pages_of(html_dir: Path) -> list[str]:
+    skip = {"_static", "_sources", "_images"}
+    return sorted(p.relative_to(html_dir).as_posix() for p in html_dir.rglob("*.html")
+                  if not skip & set(p.relative_to(html_dir).parts))
+
+
+def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None) -> list[str]:
+    problems: list[str] = []
+    page = context.new_page()
+
+    def on_console(msg):
+        if msg.type != "error" or any(b in msg.text for b in BENIGN_JS):
+            return
+        loc = (msg.location or {}).get("url", "")
+        if msg.text.startswith("Failed to load resource") and (is_favicon(loc) or not loc.startswith(base)):
+            return  # favicon 404, or an external request we aborted (already recorded)
+        problems.append(f"console error: {msg.text[:200]}")
+
+    def on_pageerror(err):
+        text = str(err)
+        if not any(b in text for b in BENIGN_JS):
+            problems.append(f"page error: {text[:200]}")
+
+    def on_response(resp):
+        if resp.url.startswith(base) and resp.status >= 400 and not is_favicon(resp.url):
+            problems.append(f"HTTP {resp.status}: {resp.url[len(base):]}")
+
+    def on_failed(req):
+        if req.url.startswith(base) and not is_favicon(req.url):
+            problems.append(f"request failed: {req.url[len(base):]} ({req.failure})")
+
+    page.on("console", on_console)
+    page.on("pageerror", on_pageerror)
+    page.on("response", on_response)
+    page.on("requestfailed", on_failed)
+    try:
+        page.goto(f"{base}/{rel}", wait_until="load", timeout=timeout_s * 1000)
+        page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
+        try:
+            page.wait_for_function(
+                "() => Array.from(document.images).every(i => i.complete) && "
+                "Array.from(document.querySelectorAll('div[id^=\"altair-viz-\"]'))"
+                ".every(d => d.querySelector('svg, canvas, .error'))",
+                timeout=timeout_s * 1000)
+        except Exception:  # noqa: BLE001 - reported in detail below
+            pass
+        page.wait_for_timeout(200)  # let late console errors arrive
+        charts = page.evaluate(CHARTS_JS)
+        problems += [f"chart not rendered: #{c['id']}" for c in charts if not c["ok"]]
+        problems += [f"image not loaded: {src}" for src in page.evaluate(IMAGES_JS)]
+        if shot is not None:
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+        return problems + ([f"({len(charts)} charts)"] if charts and not problems else [])
+    except Exception as exc:  # noqa: BLE001
+        return problems + [f"could not load: {str(exc).splitlines()[0]}"]
+    finally:
+        page.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--html", default=str(ROOT / "_build" / "src" / "_build" / "html"))
+    ap.add_argument("--screenshots", default=str(ROOT / "_build" / "screenshots"))
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds per page")
+    args = ap.parse_args(argv)
+    html_dir = Path(args.html)
+    if not html_dir.is_dir() or not pages_of(html_dir):
+        print(f"error: no html pages in {html_dir} (build the book first)", file=sys.stderr)
+        return 2
+    if not Path(CHROMIUM).exists():
+        print(f"error: {CHROMIUM} not found (apt-get install -y chromium)", file=sys.stderr)
+        return 2
+    from playwright.sync_api import sync_playwright
+
+    server, base = serve(html_dir)
+    external: list[str] = []
+    passed = failed = 0
+    t0 = time.perf_counter()
+    try:
+        with sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="morphbook-chromium-") as profile:
+            context = pw.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=FLAGS, service_workers="block")
+
+            def route(r):
+                u = urlparse(r.request.url)
+                if u.scheme in ("http", "https", "ws", "wss") and u.hostname not in LOCAL_HOSTS:
+                    external.append(r.request.url)
+                    return r.abort()
+                return r.continue_()
+
+            context.route("**/*", route)
+            shots = Path(args.screenshots)
+            for rel in pages_of(html_dir):
+                external.clear()
+                shot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
+                problems = check_page(context, base, rel, args.timeout, shot if _wants_shot(rel) else None)
+                problems += [f"external request blocked: {u}" for u in dict.fromkeys(external)]
+                bad = [p for p in problems if not p.startswith("(")]
+                if bad:
+                    failed += 1
+                    print(f"FAIL {rel}: " + "; ".join(bad), flush=True)
+                else:
+                    passed += 1
+                    print(f"ok   {rel} {' '.join(problems)}".rstrip(), flush=True)
+            context.close()
+    finally:
+        server.shutdown()
+    print(f"checked in {time.perf_counter() - t0:.1f} s; screenshots in {args.screenshots}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _wants_shot(rel: str) -> bool:
+    """The intro page and every chapter page get a full-page screenshot."""
+    return rel.endswith("intro.html") or rel.startswith("notebooks/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

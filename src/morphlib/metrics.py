@@ -1,0 +1,135 @@
+"""Quality metrics shared by the chapters, all per window so that statistics can pair them.
+
+* perplexity: exp of the mean next-token negative log-likelihood (NLL) over every predicted token;
+* KL divergence KL(P_16bit || P_morphed) of next-token distributions, mean over tokens;
+* top-1 agreement: fraction of positions where both models' most likely next token is the same;
+* greedy token match: fraction of positions where greedy generations agree, and the length of the
+  common prefix (generation diverges for good after the first mismatch).
+
+The 16-bit reference log-probabilities are computed once (``Reference``) and kept on the model's
+device in bf16, so scoring a morphed model needs one forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morphlib.errors import MorphError
+
+REFERENCE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int):
+    if ids.numel() == 0 or ids.shape[-1] < 2:
+        raise MorphError("nothing to score: need at least one window of at least 2 tokens")
+    dev = _device(model)
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start:start + batch_size].to(dev)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Mean next-token NLL of each window [n]."""
+    out = []
+    for _, target, logp in _batches(model, ids, batch_size):
+        out.append(-logp.gather(-1, target[..., None])[..., 0].mean(dim=1).cpu())
+    return torch.cat(out).double().numpy()
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
+    return float(math.exp(window_nll(model, ids, batch_size).mean()))
+
+
+@dataclass
+class Reference:
+    """The 16-bit model's outputs on a fixed set of windows."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor  # bf16 [n, T-1, V] on the model's device
+    nll: np.ndarray  # [n]
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> "Reference":
+        dev = _device(model)
+        vocab = model.config.vocab_size
+        need = ids.shape[0] * (ids.shape[1] - 1) * vocab * 2
+        budget = REFERENCE_BUDGET_BYTES.get(dev.type, 4 << 30)
+        if need > budget:
+            raise MorphError(f"reference log-probs would need {need / 2**30:.1f} GiB (> {budget / 2**30:.0f} GiB): "
+                             "use fewer or shorter windows")
+        chunks, nll = [], []
+        for _, target, logp in _batches(model, ids, batch_size):
+            chunks.append(logp.to(torch.bfloat16))
+            nll.append(-logp.gather(-1, target[..., None])[..., 0].mean(dim=1).cpu())
+        return cls(ids, torch.cat(chunks), torch.cat(nll).double().numpy())
+
+    @property
+    def ppl(self) -> float:
+        return float(math.exp(self.nll.mean()))
+
+
+@dataclass
+class Scores:
+    nll: np.ndarray  # [n] mean NLL per window
+    kl: np.ndarray  # [n] mean KL(ref || model) per window
+    top1: np.ndarray  # [n] top-1 agreement per window
+
+    @property
+    def ppl(self) -> float:
+        return float(math.exp(self.nll.mean()))
+
+    def summary(self) -> dict:
+        return {"ppl": self.ppl, "kl": float(self.kl.mean()), "top1": float(self.top1.mean())}
+
+
+@torch.no_grad()
+def score(model: nn.Module, reference: Reference, batch_size: int = 8) -> Scores:
+    """NLL, KL vs the reference and top-1 agreement of ``model`` (in its current morph state)."""
+    nll, kl, top1 = [], [], []
+    for start, target, logp in _batches(model, reference.ids, batch_size):
+        ref = reference.logp[start:start + logp.shape[0]].float()
+        nll.append(-logp.gather(-1, target[..., None])[..., 0].mean(dim=1).cpu())
+        kl.append((ref.exp() * (ref - logp)).sum(-1).mean(dim=1).cpu())
+        top1.append((ref.argmax(-1) == logp.argmax(-1)).float().mean(dim=1).cpu())
+    cat = lambda xs: torch.cat(xs).double().numpy()  # noqa: E731
+    return Scores(cat(nll), cat(kl), cat(top1))
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuations [n, new_tokens] of equal-length prompts [n, P] (no padding needed)."""
+    dev = _device(model)
+    out = model.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts, device=dev),
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, num_beams=1)
+    return out[:, prompts.shape[1]:].cpu()
+
+
+def token_match(reference: torch.Tensor, other: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per prompt: fraction of equal positions, and common-prefix length."""
+    eq = (reference == other)
+    prefix = torch.where(eq.all(dim=1), torch.tensor(eq.shape[1]), (~eq).int().argmax(dim=1))
+    return {"match": eq.float().mean(dim=1).double().numpy(), "prefix": prefix.double().numpy()}
+
+
+def kl_divergence(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) over the last dimension, from log-probabilities."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1)
