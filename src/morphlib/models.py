@@ -98,7 +98,26 @@ def resolve_model_source(name: str) -> tuple[str, dict]:
         return str(p), {}
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip():
         raise MorphError(f"model path not found: {name!r}")
+    if not hub_reachable():  # fail fast (no retry storm): only the local HF cache can serve it
+        return name, {"local_files_only": True}
     return name, {}  # a hub id
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub's endpoint answers a TCP connection (HF_HUB_OFFLINE=1 means no)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except (OSError, ImportError):
+        return False
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16, device=None):

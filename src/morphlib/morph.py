@@ -228,6 +228,9 @@ class _nullcontext:
 def prepare_morphing(model: nn.Module, config: QuantConfig = QuantConfig(), calibration: torch.Tensor | None = None,
                      progress: bool = True) -> Morpher:
     """Quantize every decoder layer once (AWQ needs ``calibration`` token ids [n, T]) and return a Morpher."""
+    for li, layer in enumerate(decoder_layers(model)):  # validate before any (slow) work
+        for name, lin in layer_linears(layer).items():
+            check_group_size(lin.in_features, config.group_size, f"layer {li} {name}")
     scales = None
     if config.method == "awq":
         if calibration is None:

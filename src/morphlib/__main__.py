@@ -1,0 +1,3 @@
+from morphlib.cli import main
+
+main()

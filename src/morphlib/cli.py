@@ -1,0 +1,111 @@
+"""Command line: ``morphlib layer-costs`` (per-layer INT4 cost) and ``morphlib bench`` (INT4 kernel ratios)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from morphlib.errors import one_line_errors
+
+
+def _layer_costs(args) -> None:
+    from morphlib.corpus import make_windows
+    from morphlib.metrics import Reference, score
+    from morphlib.models import check_layers, load_model
+    from morphlib.morph import QuantConfig, prepare_morphing
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    if args.layers:
+        check_layers(model, args.layers)
+    load_s = time.perf_counter() - t0
+    torch.manual_seed(args.seed)
+    heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=args.texts)
+    calib = make_windows(tok, "calibration", args.calib_windows, args.length, seed=args.seed, texts=args.texts)
+    config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric, method=args.method)
+    morpher = prepare_morphing(model, config, calibration=calib.ids)
+    ref = Reference.compute(model, heldout.ids, args.batch_size)
+    print(f"model {args.model} on {next(model.parameters()).device} ({load_s:.1f} s to load), {config.label}, "
+          f"held-out: {len(heldout)} windows x {args.length} tokens ({', '.join(sorted(set(heldout.domain)))})")
+    print(f"16-bit perplexity {ref.ppl:.3f}")
+    rows = []
+    from tqdm.auto import tqdm
+
+    layers = check_layers(model, args.layers) if args.layers else range(morpher.num_layers)
+    for layer in tqdm(layers, desc="layers", leave=False):
+        with morpher.morphed([layer]):
+            s = score(model, ref, args.batch_size)
+        b = morpher.layer_bytes(layer)
+        rows.append((layer, s.ppl, 100 * (s.ppl / ref.ppl - 1), float(s.kl.mean()), (b["fp16"] - b["int4"]) / 2**20, b))
+    print(f"{'layer':>5} {'ppl':>8} {'dppl %':>7} {'KL':>8} {'frees MiB':>9}")
+    for layer, ppl, dppl, kl, freed, _ in rows:
+        print(f"{layer:>5} {ppl:>8.3f} {dppl:>+7.2f} {kl:>8.4f} {freed:>9.2f}")
+    morpher.swap(range(morpher.num_layers))
+    all_int4 = score(model, ref, args.batch_size)
+    morpher.restore()
+    fp16 = sum(morpher.layer_bytes(i)["fp16"] for i in range(morpher.num_layers))
+    int4 = sum(morpher.layer_bytes(i)["int4"] for i in range(morpher.num_layers))
+    cheapest = min(rows, key=lambda r: r[1])
+    dearest = max(rows, key=lambda r: r[1])
+    print(f"all {morpher.num_layers} layers INT4: perplexity {all_int4.ppl:.3f} ({100 * (all_int4.ppl / ref.ppl - 1):+.1f} %), "
+          f"frees {(fp16 - int4) / 2**20:.1f} MiB of {fp16 / 2**20:.1f} MiB; INT4:FP16 bytes {int4 / fp16:.3f}")
+    print(f"cheapest layer {cheapest[0]} ({cheapest[2]:+.2f} %), dearest layer {dearest[0]} ({dearest[2]:+.2f} %)")
+
+
+def _bench(args) -> None:
+    import torch.utils.benchmark as tb
+
+    from morphlib.int4 import KERNEL_MAX_TOKENS, Int4Linear
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n, k = args.n, args.k
+    lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+    q = Int4Linear.from_linear(lin, group_size=args.group_size)
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, N={n} K={k} "
+          f"g{args.group_size}, layout {q.layout}; current kernel threshold {KERNEL_MAX_TOKENS[dev.type]} rows")
+    print(f"{'rows':>5} {'bf16 ms':>8} {'int4 kernel/bf16':>16} {'dequant+gemm/bf16':>17}")
+    for m in args.rows:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        g = dict(torch=torch, x=x, q=q, lin=lin)
+        kern = ("torch.ops.aten._weight_int4pack_mm(x, q.packed, q.group_size, q.scale_zero)" if q.layout == "tinygemm"
+                else "torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, q.scale_zero)")
+        t_bf16 = tb.Timer("lin(x)", globals=g).blocked_autorange(min_run_time=0.2).median
+        t_kern = (tb.Timer(kern, globals=g).blocked_autorange(min_run_time=0.2).median
+                  if q.layout in ("tinygemm", "cpu") else math.nan)
+        t_deq = tb.Timer("torch.nn.functional.linear(x, q.dequantize())", globals=g).blocked_autorange(min_run_time=0.2).median
+        print(f"{m:>5} {t_bf16 * 1e3:>8.3f} {t_kern / t_bf16:>16.2f} {t_deq / t_bf16:>17.2f}")
+
+
+@one_line_errors
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="morphlib", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    lc = sub.add_parser("layer-costs", help="held-out perplexity cost and freed memory of swapping each layer alone")
+    lc.add_argument("--model", default="smollm2-135m")
+    lc.add_argument("--texts", default="default")
+    lc.add_argument("--group-size", type=int, default=64)
+    lc.add_argument("--symmetric", action="store_true")
+    lc.add_argument("--method", default="rtn", choices=["rtn", "awq"])
+    lc.add_argument("--windows", type=int, default=8)
+    lc.add_argument("--calib-windows", type=int, default=8)
+    lc.add_argument("--length", type=int, default=256)
+    lc.add_argument("--batch-size", type=int, default=8)
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers (default: all)")
+    lc.add_argument("--device", default=None)
+    bench = sub.add_parser("bench", help="INT4 kernel and dequantize+GEMM time relative to bf16, per row count")
+    bench.add_argument("--n", type=int, default=1536)
+    bench.add_argument("--k", type=int, default=576)
+    bench.add_argument("--group-size", type=int, default=64)
+    bench.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 512])
+    bench.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    {"layer-costs": _layer_costs, "bench": _bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real default model (SmolLM2-135M-Instruct) and real corpus windows, on CPU."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def model_tok():
+    from morphlib.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def model(model_tok):
+    return model_tok[0]
+
+
+@pytest.fixture(scope="session")
+def tok(model_tok):
+    return model_tok[1]
+
+
+@pytest.fixture(scope="session")
+def heldout(tok):
+    from morphlib.corpus import make_windows
+
+    return make_windows(tok, "heldout", 8, 256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def calibration(tok):
+    from morphlib.corpus import make_windows
+
+    return make_windows(tok, "calibration", 4, 256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def rtn_morpher(model):
+    from morphlib.morph import QuantConfig, prepare_morphing
+
+    return prepare_morphing(model, QuantConfig(group_size=64, method="rtn"), progress=False)

@@ -1,0 +1,64 @@
+"""Held-out quality of the real default model: 16-bit < all-layers INT4, and AWQ-style < RTN."""
+
+import pytest
+import torch
+
+from morphlib.metrics import Reference, greedy_tokens, score, token_match
+from morphlib.morph import QuantConfig, prepare_morphing
+
+
+@pytest.fixture(scope="module")
+def reference(model, heldout):
+    return Reference.compute(model, heldout.ids)
+
+
+@pytest.mark.slow
+def test_heldout_perplexity_fp16_rtn_awq(model, calibration, reference, capsys):
+    results = {"fp16": reference.ppl}
+    for method in ("rtn", "awq"):
+        config = QuantConfig(group_size=64, method=method, awq_grid=10, awq_tokens=1024)
+        morpher = prepare_morphing(model, config, calibration=calibration.ids, progress=False)
+        morpher.swap(range(morpher.num_layers))
+        try:
+            results[method] = score(model, reference).ppl
+        finally:
+            morpher.restore()
+    with capsys.disabled():
+        print("\nheld-out perplexity (8 x 256 tokens, Moby-Dick + SOTU 2001-2021): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    assert results["fp16"] < results["awq"] < results["rtn"]
+    assert 20 < results["fp16"] < 80  # sanity: SmolLM2-135M on literary/political prose
+
+
+def test_reference_scores_itself_perfectly(model, reference):
+    s = score(model, reference)
+    assert abs(s.ppl - reference.ppl) < 1e-9
+    assert float(s.kl.max()) < 1e-3 and float(s.top1.min()) > 0.99
+
+
+def test_one_layer_swap_costs_little_and_kl_is_positive(model, reference, rtn_morpher):
+    with rtn_morpher.morphed([15]):
+        s = score(model, reference)
+    assert 0 < float(s.kl.mean()) < 0.1
+    assert abs(s.ppl / reference.ppl - 1) < 0.05
+    assert s.top1.mean() > 0.85
+
+
+def test_greedy_token_match(model, heldout, rtn_morpher):
+    prompts = heldout.ids[:2, :16]
+    ref = greedy_tokens(model, prompts, 12)
+    assert ref.shape == (2, 12)
+    same = token_match(ref, greedy_tokens(model, prompts, 12))
+    assert same["match"].tolist() == [1.0, 1.0] and same["prefix"].tolist() == [12, 12]
+    with rtn_morpher.morphed(range(30)):
+        other = greedy_tokens(model, prompts, 12)
+    m = token_match(ref, other)
+    assert (m["match"] <= 1).all() and (m["prefix"] <= 12).all()
+
+
+def test_capital_of_france(model, tok):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = greedy_tokens(model, ids, 8)
+    assert "Paris" in tok.decode(out[0])
