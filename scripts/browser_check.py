@@ -15,6 +15,7 @@ a browser.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import http.server
 import sys
@@ -59,7 +60,7 @@ def pages_of(html_dir: Path) -> list[str]:
                   if not skip & set(p.relative_to(html_dir).parts))
 
 
-def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None) -> list[str]:
+def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None, redirect: bool = False) -> list[str]:
     problems: list[str] = []
     page = context.new_page()
 
@@ -89,7 +90,10 @@ def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None
     page.on("response", on_response)
     page.on("requestfailed", on_failed)
     try:
-        page.goto(f"{base}/{rel}", wait_until="load", timeout=timeout_s * 1000)
+        if redirect:  # e.g. index.html -> book/intro.html: check the page it lands on
+            page.goto(f"{base}/{rel}", wait_until="commit", timeout=timeout_s * 1000)
+            page.wait_for_url(lambda u: not u.endswith("/" + rel), timeout=timeout_s * 1000)
+        page.goto(page.url if redirect else f"{base}/{rel}", wait_until="load", timeout=timeout_s * 1000)
         page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
         try:
             page.wait_for_function(
@@ -118,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--html", default=str(ROOT / "_build" / "src" / "_build" / "html"))
     ap.add_argument("--screenshots", default=str(ROOT / "_build" / "screenshots"))
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per page")
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="whole-run watchdog: dump stacks and exit")
     args = ap.parse_args(argv)
+    faulthandler.dump_traceback_later(args.max_seconds, exit=True)  # never hang CI silently
     html_dir = Path(args.html)
     if not html_dir.is_dir() or not pages_of(html_dir):
         print(f"error: no html pages in {html_dir} (build the book first)", file=sys.stderr)
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             for rel in pages_of(html_dir):
                 external.clear()
                 shot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
-                problems = check_page(context, base, rel, args.timeout, shot if _wants_shot(rel) else None)
+                text = (html_dir / rel).read_text(encoding="utf-8", errors="replace")[:2000].lower()
+                redirect = 'http-equiv="refresh"' in text
+                problems = check_page(context, base, rel, args.timeout, shot if _wants_shot(rel) else None, redirect)
                 problems += [f"external request blocked: {u}" for u in dict.fromkeys(external)]
                 bad = [p for p in problems if not p.startswith("(")]
                 if bad:

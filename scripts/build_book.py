@@ -35,6 +35,20 @@ SRC = BUILD / "src"
 HTML = SRC / "_build" / "html"
 
 
+# Remote images that chapters reference (for Colab / GitHub readers) and the local copies the
+# offline book shows instead; paths are rewritten in the assembled notebooks only.
+LOCAL_ASSETS = {"https://colab.research.google.com/assets/colab-badge.svg": "book/_static/colab-badge.svg"}
+
+
+def localise_assets(notebook: Path, dest: Path) -> None:
+    """Copy an executed notebook, pointing known remote images at their local copies."""
+    text = notebook.read_text(encoding="utf-8")
+    for remote, local in LOCAL_ASSETS.items():
+        rel = os.path.relpath(SRC / local, dest.parent).replace(os.sep, "/")
+        text = text.replace(remote, rel)
+    dest.write_text(text, encoding="utf-8")
+
+
 def placeholder(title: str, source: str, why: str) -> str:
     return f"# {title}\n\n```{{warning}}\nThis chapter is not in this build: {why} (`{source}`).\n```\n"
 
@@ -54,7 +68,7 @@ def assemble(profile: str, notebooks_dir: Path) -> set[str]:
         dest = SRC / ch.notebook
         dest.parent.mkdir(parents=True, exist_ok=True)
         if executed.is_file():
-            shutil.copy2(executed, dest.with_suffix(".ipynb"))
+            localise_assets(executed, dest.with_suffix(".ipynb"))
             present.add(ch.name)
         else:
             why = "its notebook does not exist yet" if not (notebooks_dir / Path(ch.notebook).name).is_file() \
@@ -104,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = jupyter_book("build", str(SRC.relative_to(ROOT)), "-W", "-n", "--keep-going", "--all")
     t_end = time.perf_counter()
     pages = count_pages() if HTML.is_dir() else 0
+    docs = len(CHAPTERS) + 3  # intro, reproduce, references
     print(f"chapters executed in {t_run - t_start:.1f} s; jupyter-book build {t_end - t_build:.1f} s; "
-          f"total {t_end - t_start:.1f} s; {pages} pages in {HTML.relative_to(ROOT)}")
+          f"total {t_end - t_start:.1f} s; {pages} html pages ({docs} book pages + index/search/genindex) "
+          f"in {HTML.relative_to(ROOT)}")
     if failed:
         print(f"error: chapter(s) failed: {', '.join(failed)} (see _build/executed/*.ipynb)", file=sys.stderr)
     if rc != 0:

@@ -65,6 +65,25 @@ def to_notebook(src: Path, dest: Path) -> bool:
     return any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
 
 
+def last_error_line(notebook: Path) -> str | None:
+    """The last 'error: ...' stderr line or error output of an executed notebook."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception:  # noqa: BLE001 - no readable output notebook
+        return None
+    found = None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found = f"{out.get('ename')}: {out.get('evalue')}"
+            elif out.get("name") == "stderr":
+                errs = [ln for ln in out.get("text", "").splitlines() if ln.startswith("error:")]
+                found = errs[-1] if errs else found
+    return found
+
+
 def run_chapter(ch: Chapter, src: Path, out_dir: Path, params: dict, timeout: float | None) -> dict:
     import papermill as pm
 
@@ -82,11 +101,11 @@ def run_chapter(ch: Chapter, src: Path, out_dir: Path, params: dict, timeout: fl
         status, error = "ok", None
     except Exception as exc:  # noqa: BLE001 - record and go on to the next chapter
         status = "failed"
-        if hasattr(exc, "ename"):  # papermill's PapermillExecutionError: the cell's own exception
+        if getattr(exc, "ename", None) and getattr(exc, "evalue", None):  # the cell's own exception
             error = f"{exc.ename}: {exc.evalue}"
-        else:
+        else:  # e.g. a MorphError shown as one 'error: ...' line on stderr by morphlib's handler
             lines = str(exc).strip().splitlines()
-            error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            error = last_error_line(output) or f"{type(exc).__name__}: {lines[-1] if lines else ''}"
     finally:
         staged.unlink(missing_ok=True)
     return {"chapter": ch.name, "status": status, "error": error, "wall_s": round(time.perf_counter() - t0, 1),

@@ -109,15 +109,16 @@ def provenance_banner(summary: dict, stale: bool, path: str | os.PathLike | None
 
 
 def show_provenance(chapter_name: str, summary: dict, root: str | os.PathLike):
-    """Display the banner for results shown from ``root`` (checks staleness against the current code)."""
+    """Display the banner for results shown from ``root`` (checks staleness against the current code).
+
+    Returns None on purpose, so a trailing call in a cell does not show the banner twice.
+    """
     from IPython.display import Markdown, display
 
     from morphlib.stale import is_stale
 
     path = Path(root) / chapter(chapter_name).results_subdir / "summary.json"
-    md = Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path))
-    display(md)
-    return md
+    display(Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path)))
 
 
 # --------------------------------------------------------------------------- findings table
@@ -125,7 +126,7 @@ def format_value(value) -> str:
     """A headline value as table text: numbers to 4 significant digits, dicts {'value', 'unit'}."""
     unit = ""
     if isinstance(value, dict):
-        unit = f" {value['unit']}" if value.get("unit") else ""
+        unit = f" {str(value['unit']).strip()}" if str(value.get("unit") or "").strip() else ""
         value = value.get("value")
     if value is None:
         text = "n/a"
@@ -154,6 +155,17 @@ def source_cell(prov: dict, stale: bool) -> str:
     return text + (" **STALE**" if stale else "")
 
 
+def table_entries(headline: dict) -> dict:
+    """Headline entries for the findings table: scalars and {'value': ...} dicts (nested tables are skipped).
+
+    If any entry is a dict with ``"finding": true``, only those entries are shown for that chapter.
+    """
+    shown = {k: v for k, v in headline.items()
+             if not isinstance(v, dict) or "value" in v}
+    picked = {k: v for k, v in shown.items() if isinstance(v, dict) and v.get("finding") is True}
+    return picked or shown
+
+
 def findings_markdown(fresh_root, committed_root="results", present: set[str] | None = None,
                       root: str | os.PathLike | None = None) -> str:
     """The introduction's findings table, from each chapter's shown summary.json headline."""
@@ -171,8 +183,8 @@ def findings_markdown(fresh_root, committed_root="results", present: set[str] | 
             continue
         prov = summary.get("provenance") or {}
         stale = is_stale(ch.name, summary, root)
-        headline = summary.get("headline") or {}
+        headline = table_entries(summary.get("headline") or {})
         for i, (key, value) in enumerate(headline.items()):
-            first = link if i == 0 else ""
-            lines.append(f"| {first} | {figure_label(key, value)} | {format_value(value)} | {source_cell(prov, stale)} |")
+            first, source = (link, source_cell(prov, stale)) if i == 0 else ("", "")
+            lines.append(f"| {first} | {figure_label(key, value)} | {format_value(value)} | {source} |")
     return "\n".join(lines) + "\n"

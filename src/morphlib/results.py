@@ -6,7 +6,9 @@ The extra files are written first and summary.json last, so a summary only exist
 companions do. Book-only module: it is excluded from the stale check's code hash.
 
 Headline values are scalars (number / string / bool) or dicts
-``{"value": ..., "unit": "ms", "label": "Decode latency"}``; the book's findings table reads them.
+``{"value": ..., "unit": "ms", "label": "Decode latency"}``; the introduction's findings table
+shows them (nested dicts without "value" are skipped; if some entries carry ``"finding": True``,
+only those are shown for that chapter).
 """
 
 from __future__ import annotations
@@ -180,21 +182,20 @@ def gpu_kind(device_name: str | None) -> str | None:
 
 
 def _versions() -> dict:
+    """Versions of the loaded modules (else of the installed distributions; None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import morphlib
+
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers"):
-        try:
-            mod = sys.modules.get(name) or __import__(name)
-            out[name] = getattr(mod, "__version__", None)
-        except Exception:  # noqa: BLE001 - a missing or broken package is recorded as None
-            out[name] = None
-    try:
-        from importlib.metadata import version
-
-        out["morphlib"] = version("morphlib")
-    except Exception:  # noqa: BLE001
-        import morphlib
-
-        out["morphlib"] = getattr(morphlib, "__version__", None)
+    for name in ("torch", "transformers", "morphlib"):
+        mod = sys.modules.get(name)
+        out[name] = getattr(mod, "__version__", None) if mod is not None else None
+        if out[name] is None:
+            try:
+                out[name] = version(name)
+            except PackageNotFoundError:
+                out[name] = getattr(morphlib, "__version__", None) if name == "morphlib" else None
     return out
 
 

@@ -1,0 +1,198 @@
+"""Results on disk, provenance, which results a page shows, banners, the findings table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from morphlib import results
+from morphlib.book import (CHAPTERS, findings_markdown, format_value, provenance_banner, shown_results)
+from morphlib.errors import MorphError
+from morphlib.results import (atomic_write_json, atomic_write_text, gpu_kind, load_summary, provenance,
+                              save_summary)
+
+PARAMS = {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": "x"}
+
+
+@pytest.fixture(autouse=True)
+def no_notebook_override(monkeypatch):
+    monkeypatch.delenv("MORPHBOOK_NOTEBOOKS", raising=False)
+
+
+def test_atomic_json_sorted_nan_numpy(tmp_path):
+    path = tmp_path / "a" / "b.json"
+    atomic_write_json(path, {"z": np.float32(1.5), "a": float("nan"), "m": [np.int64(3), np.inf],
+                             "arr": np.arange(3), "p": Path("x/y")})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    assert list(data) == ["a", "arr", "m", "p", "z"]
+    assert data == {"a": None, "arr": [0, 1, 2], "m": [3, None], "p": "x/y", "z": 1.5}
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]  # no temp files left
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    atomic_write_json(path, {"v": 1})
+    with pytest.raises(MorphError, match="cannot write object"):
+        atomic_write_json(path, {"v": object()})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_gpu_kind():
+    assert gpu_kind("NVIDIA H100 80GB HBM3") == "H100"
+    assert gpu_kind("NVIDIA H200") == "H200"
+    assert gpu_kind("cpu") is None and gpu_kind(None) is None
+
+
+def test_provenance_fields_and_no_hostname():
+    prov = provenance("strategies", PARAMS)
+    for key in ("code_hash", "git", "device", "gpu", "versions", "params", "profile", "date", "chapter"):
+        assert key in prov
+    assert prov["profile"] == "cpu" and prov["params"] == PARAMS
+    assert set(prov["git"]) == {"commit", "dirty"}
+    assert set(prov["versions"]) >= {"python", "torch", "transformers", "morphlib"}
+    assert prov["date"].endswith("Z")
+    host = socket.gethostname()
+    if len(host) >= 6:
+        assert host not in json.dumps(prov)
+
+
+@pytest.mark.parametrize("chapter, params, match", [
+    ("nope", PARAMS, "unknown chapter"),
+    ("burst", {**PARAMS, "profile": "tpu"}, "profile"),
+    ("burst", ["profile", "cpu"], "params must be a dict"),
+])
+def test_bad_input_is_one_line_error(chapter, params, match):
+    with pytest.raises(MorphError, match=match):
+        provenance(chapter, params)
+
+
+def test_save_summary_writes_extras_then_summary(tmp_path, monkeypatch):
+    order = []
+    real = results.write_result_file
+    real_json = results.atomic_write_json
+    monkeypatch.setattr(results, "write_result_file", lambda p, o: (order.append(Path(p).name), real(p, o))[1])
+    monkeypatch.setattr(results, "atomic_write_json", lambda p, o: (order.append(Path(p).name), real_json(p, o))[1])
+    df = pd.DataFrame({"layer": [0, 1], "ppl": [1.0, math.nan]})
+    path = save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={"t.json": df, "notes.md": "hi"})
+    assert order[-1] == "summary.json" and set(order[:-1]) >= {"t.json", "notes.md"}
+    assert path == tmp_path / "burst" / "summary.json"
+    assert json.loads((tmp_path / "burst" / "t.json").read_text()) == [{"layer": 0, "ppl": 1.0}, {"layer": 1, "ppl": None}]
+    summary = load_summary("burst", tmp_path)
+    assert summary["headline"] == {"p95": 1.5} and summary["provenance"]["chapter"] == "burst"
+
+
+def test_failed_extra_file_means_no_summary(tmp_path):
+    with pytest.raises(MorphError, match="DataFrame"):
+        save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={"a.csv": [1, 2]})
+    assert load_summary("burst", tmp_path) is None
+    for bad in ("../x.json", "/abs.json", "summary.json", "a b.json"):
+        with pytest.raises(MorphError, match="bad extra file name"):
+            save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={bad: {}})
+    with pytest.raises(MorphError, match="headline"):
+        save_summary("burst", PARAMS, {}, tmp_path)
+
+
+def test_load_summary_missing_and_corrupt(tmp_path):
+    assert load_summary("vllm", tmp_path) is None
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "summary.json").write_text("{not json")
+    with pytest.raises(MorphError, match="not valid JSON"):
+        load_summary("vllm", tmp_path)
+
+
+def test_shown_results_prefers_committed(tmp_path):
+    committed, fresh = tmp_path / "results", tmp_path / "fresh"
+    save_summary("burst", PARAMS, {"v": 1}, fresh)
+    summary, root, label = shown_results("burst", fresh, committed)
+    assert (summary["headline"], root, label) == ({"v": 1}, fresh, "fresh")
+    save_summary("burst", {**PARAMS, "profile": "gpu"}, {"v": 2}, committed)
+    summary, root, label = shown_results("burst", fresh, committed)
+    assert (summary["headline"], root, label) == ({"v": 2}, committed, "committed")
+    # a run that writes the committed results shows its own
+    summary, root, label = shown_results("burst", committed, committed)
+    assert (summary["headline"], label) == ({"v": 2}, "fresh")
+    with pytest.raises(MorphError, match="no results"):
+        shown_results("vllm", fresh, committed)
+
+
+def _summary(profile, device, commit="abcdef123456", dirty=False):
+    return {"headline": {}, "provenance": {"profile": profile, "device": device, "date": "2026-11-28T10:00:00Z",
+                                           "git": {"commit": commit, "dirty": dirty}}}
+
+
+def test_provenance_banner_kinds():
+    gpu = provenance_banner(_summary("gpu", "NVIDIA H100 80GB HBM3"), stale=False, path="results/strategies/summary.json")
+    assert gpu.startswith("```{note}")
+    assert "**GPU profile, NVIDIA H100 80GB HBM3**, 2026-11-28, commit abcdef1 (results/strategies/summary.json)" in gpu
+    cpu = provenance_banner(_summary("cpu", "cpu", dirty=True), stale=False)
+    assert cpu.startswith("```{warning}") and "**CPU profile** (small parameters, for CI)" in cpu and "abcdef1+dirty" in cpu
+    old = provenance_banner(_summary("gpu", "NVIDIA H200"), stale=True)
+    assert old.startswith("```{danger}") and "Stale" in old
+
+
+def test_format_value():
+    assert format_value(3.14159265) == "3.142"
+    assert format_value(12345) == "12,345"
+    assert format_value({"value": 0.5, "unit": "ms"}) == "0.5 ms"
+    assert format_value(None) == "n/a" and format_value(True) == "yes"
+    assert format_value("a|b") == "a\\|b"
+    assert format_value({"value": 2, "unit": " GB/s"}) == "2 GB/s"
+
+
+def test_table_entries_skip_nested_and_honour_finding_flag():
+    from morphlib.book import table_entries
+
+    head = {"a": 1, "per_k": {"1": 0.5, "2": 0.7}, "b": {"value": 2}}
+    assert list(table_entries(head)) == ["a", "b"]
+    head["c"] = {"value": 3, "finding": True}
+    assert list(table_entries(head)) == ["c"]
+
+
+def test_findings_table(tmp_path):
+    fresh, committed = tmp_path / "fresh", tmp_path / "results"
+    save_summary("sensitivity", PARAMS, {"worst_layer": 3, "cost": {"value": 1.234567, "unit": "%", "label": "Mean cost"}}, fresh)
+    save_summary("burst", {**PARAMS, "profile": "gpu"}, {"p95_ttft": 2.0}, committed)
+    prov = json.loads((committed / "burst" / "summary.json").read_text())
+    prov["provenance"]["code_hash"] = "0" * 64  # pretend the code changed since
+    prov["provenance"]["gpu"] = "H100"
+    (committed / "burst" / "summary.json").write_text(json.dumps(prov))
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "05_burst.py").write_text("# %%\nx = 1\n")
+    md = findings_markdown(fresh, committed, present={"sensitivity", "burst"}, root=tmp_path)
+    rows = md.strip().splitlines()
+    assert rows[0] == "| chapter | figure | value | source |"
+    assert len(rows) == 2 + 2 + 1 + len(CHAPTERS) - 2
+    assert "| Mean cost | 1.235 % | CPU profile," in md
+    assert "{doc}`Layer sensitivity to INT4 </notebooks/01_sensitivity>`" in md
+    burst = next(r for r in rows if "p95 ttft" in r)
+    assert "H100" in burst and "**STALE**" in burst
+    assert "| 6. Swapping inside vLLM | no results yet |" in md
+
+
+def test_vega_bundle_sets_altair_versions():
+    pytest.importorskip("vl_convert")
+    import altair as alt
+
+    from morphlib.plotting import setup_altair, vega_bundle_js
+
+    js = vega_bundle_js()
+    assert js.splitlines()[1] == "(function () {"
+    assert f'"vegalite_version": "{alt.VEGALITE_VERSION}"' in js and "window.vegaEmbed" in js
+    assert setup_altair() == "html" and alt.theme.active == "morphbook"
