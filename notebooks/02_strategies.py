@@ -91,7 +91,7 @@ install_notebook_handler()
 setup_altair()
 P = {"gpu": dict(ks=[2, 4, 6, 8, 10, 12, 16, 20, 24], seed_ks=[2, 4, 8, 11], n_random=20, calib=16, held=64,
                  len=512, prompts=16, prompt_len=32, new_tokens=32, awq_tokens=4096, awq_grid=20),
-     "cpu": dict(ks=[2, 4], seed_ks=[2, 4], n_random=3, calib=2, held=6, len=128, prompts=2, prompt_len=16,
+     "cpu": dict(ks=[2, 4], seed_ks=[2], n_random=3, calib=4, held=6, len=128, prompts=2, prompt_len=16,
                  new_tokens=8, awq_tokens=512, awq_grid=10)}[profile]
 ks = sorted(ks or P["ks"])
 seed_protocol_ks = sorted(seed_protocol_ks or P["seed_ks"])

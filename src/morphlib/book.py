@@ -155,11 +155,27 @@ def source_cell(prov: dict, stale: bool) -> str:
     return text + (" **STALE**" if stale else "")
 
 
-def table_entries(headline: dict) -> dict:
+# The headline keys each chapter contributes to the introduction's findings table, in order (the full
+# headline stays in the chapter's summary.json). A chapter not listed here shows every scalar entry.
+FINDINGS: dict[str, tuple[str, ...]] = {
+    "sensitivity": ("lis_dominant_term", "lis_variance_share_lts", "spearman_lis_vs_direct_cost",
+                    "spearman_lis_norm_vs_direct_cost", "dearest_layer", "dearest_layer_dppl_pct"),
+    "strategies": ("heldout_win_rate_block_vs_greedy_lis", "ci95", "sign_test_p",
+                   "heldout_win_rate_block_vs_best_scattered", "ci95_vs_best_scattered", "seed_protocol_wins",
+                   "seed_protocol_trials", "seed_protocol_selection_expected", "verdict_contiguous_vs_lis",
+                   "verdict_contiguous_vs_best_scattered", "verdict_middle_layers_safest"),
+}
+
+
+def table_entries(headline: dict, chapter_name: str | None = None) -> dict:
     """Headline entries for the findings table: scalars and {'value': ...} dicts (nested tables are skipped).
 
-    If any entry is a dict with ``"finding": true``, only those entries are shown for that chapter.
+    Only the chapter's ``FINDINGS`` keys when it has some; else, if any entry is a dict with
+    ``"finding": true``, only those entries.
     """
+    keys = [k for k in FINDINGS.get(chapter_name or "", ()) if k in headline]
+    if keys:
+        return {k: headline[k] for k in keys}
     shown = {k: v for k, v in headline.items()
              if not isinstance(v, dict) or "value" in v}
     picked = {k: v for k, v in shown.items() if isinstance(v, dict) and v.get("finding") is True}
@@ -183,7 +199,7 @@ def findings_markdown(fresh_root, committed_root="results", present: set[str] | 
             continue
         prov = summary.get("provenance") or {}
         stale = is_stale(ch.name, summary, root)
-        headline = table_entries(summary.get("headline") or {})
+        headline = table_entries(summary.get("headline") or {}, ch.name)
         for i, (key, value) in enumerate(headline.items()):
             first, source = (link, source_cell(prov, stale)) if i == 0 else ("", "")
             lines.append(f"| {first} | {figure_label(key, value)} | {format_value(value)} | {source} |")

@@ -165,6 +165,11 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state(root: Path | None = None) -> dict:
+    """{"commit", "dirty"}; where the tree travels without .git (a lent GPU machine), the caller can
+    pass them as MORPHBOOK_GIT_COMMIT / MORPHBOOK_GIT_DIRTY; the code hash still checks the files."""
+    if os.environ.get("MORPHBOOK_GIT_COMMIT"):
+        return {"commit": os.environ["MORPHBOOK_GIT_COMMIT"],
+                "dirty": os.environ.get("MORPHBOOK_GIT_DIRTY", "0") not in ("0", "", "false")}
     root = Path(root) if root else project_root()
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None

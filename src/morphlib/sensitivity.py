@@ -112,11 +112,12 @@ def mds_given(model: nn.Module, morpher: Morpher, ids: torch.Tensor, swapped, ca
     if base is None:
         with morpher.morphed(swapped):
             base = torch.cat([final_hidden(model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)])
-    for li in tqdm(list(candidates), desc="MDS", disable=not progress, leave=False):
-        with morpher.morphed(swapped + [li]):
-            vals = [_cos(base[s:s + batch_size], final_hidden(model, ids[s:s + batch_size]), skip_first)
-                    for s in range(0, len(ids), batch_size)]
-        out[li] = torch.cat(vals).double().cpu().numpy()
+    with morpher.morphed(swapped):  # keep Q swapped: each candidate then toggles only its own layer
+        for li in tqdm(list(candidates), desc="MDS", disable=not progress, leave=False):
+            with morpher.morphed(swapped + [li]):
+                vals = [_cos(base[s:s + batch_size], final_hidden(model, ids[s:s + batch_size]), skip_first)
+                        for s in range(0, len(ids), batch_size)]
+            out[li] = torch.cat(vals).double().cpu().numpy()
     return out
 
 

@@ -101,7 +101,8 @@ class Selector:
         order: list[int] = []
         for _ in tqdm(range(k_max), desc="greedy dPPL", disable=not self.progress, leave=False):
             rest = [i for i in range(self.n) if i not in order]
-            values = {i: self.calib_nll(order + [i]) for i in rest}
+            with self.morpher.morphed(order):  # each candidate then toggles only its own layer
+                values = {i: self.calib_nll(order + [i]) for i in rest}
             pick = min(values, key=values.get)
             self.log["greedy_dppl"].append({"step": len(order) + 1, "layer": pick, "nll": values[pick]})
             order.append(pick)
