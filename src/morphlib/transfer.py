@@ -2,9 +2,9 @@
 
 A :class:`LayerSlab` holds one precision (FP16 or INT4) of every decoder layer twice, with the same
 byte layout: in one host buffer (pinned when CUDA is used) and in one device buffer. The model's
-tensors -- the linears' weights, or the INT4 twins' ``packed`` / ``scale_zero`` buffers -- are *views*
-into the device buffer, so a copy lands in the storage the model computes with, not in a scratch
-buffer. Tensors of a layer are adjacent (256-byte aligned), and layers are adjacent in layer order.
+tensors (linear weights, or the INT4 twins' buffers) are *views* into the device buffer, so a copy
+lands in the storage the model computes with. A layer's tensors are adjacent (256-byte aligned),
+and so are the layers, in order.
 
 ``copy_to_device(layers, packing)`` copies the given layers with one of three packings:
 
@@ -18,6 +18,7 @@ the same code copies between two host buffers (a memcpy: no PCIe is involved), t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -39,8 +40,6 @@ def _align(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- layer sets
-
-
 def block_layers(num_layers: int, k: int) -> list[int]:
     """A contiguous block of ``k`` layers in the middle of the model."""
     if not 1 <= k <= num_layers:
@@ -68,8 +67,6 @@ def runs(layers: list[int]) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- the slab
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -88,7 +85,7 @@ class LayerSlab:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MorphError("a CUDA slab was asked for but no CUDA GPU is available here")
         self.specs: list[dict[str, TensorSpec]] = []
-        self.ranges: list[tuple[int, int]] = []
+        self.ranges: list[tuple[int, int]] = []  # byte range [start, end) of each layer
         offset = 0
         for layout in layouts:
             start, specs = offset, {}
@@ -115,9 +112,7 @@ class LayerSlab:
         slab.device_buffer.copy_(slab.host)
         return slab
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.specs)
+    num_layers = property(lambda self: len(self.specs))
 
     def _view(self, buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
         return buf[spec.offset:spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
@@ -133,9 +128,9 @@ class LayerSlab:
 
     def _check(self, layers) -> list[int]:
         out = [int(li) for li in layers]
-        bad = [li for li in out if not 0 <= li < self.num_layers]
-        if bad:
-            raise MorphError(f"layer {bad[0]} is out of range: the slab holds {self.num_layers} layers")
+        for li in out:
+            if not 0 <= li < self.num_layers:
+                raise MorphError(f"layer {li} is out of range: the slab holds {self.num_layers} layers (0..{self.num_layers - 1})")
         return out
 
     def plan(self, layers, packing: str = "layer") -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,33 +151,28 @@ class LayerSlab:
 
     def copy_to_device(self, layers=None, packing: str = "layer", stream=None) -> int:
         """Copy ``layers`` (default all) host -> device; asynchronous on ``stream`` when CUDA. Returns the copy count."""
-        layers = range(self.num_layers) if layers is None else layers
-        return run_plan(self.plan(layers, packing), stream)
+        if stream is not None and self.device.type != "cuda":
+            raise MorphError("a CUDA stream was given but the slab is not on a CUDA device")
+        return run_plan(self.plan(range(self.num_layers) if layers is None else layers, packing), stream)
 
     def matches_host(self, layers=None) -> bool:
-        """True when the device bytes of ``layers`` equal the host bytes exactly."""
+        """True when the device bytes of every tensor of ``layers`` equal the host bytes exactly."""
         layers = range(self.num_layers) if layers is None else self._check(layers)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return all(torch.equal(self.device_buffer[a:b].cpu(), self.host[a:b])
-                   for a, b in (self.ranges[li] for li in layers))
+        spans = [(s.offset, s.offset + s.nbytes) for li in layers for s in self.specs[li].values()]
+        return all(torch.equal(self.device_buffer[a:b], self.host[a:b].to(self.device)) for a, b in spans)
 
 
 def run_plan(plan, stream=None) -> int:
-    """Issue the copies of a plan (non-blocking on CUDA, on ``stream`` when given)."""
-    if stream is None:
+    """Issue the copies of a plan (non-blocking on CUDA; on ``stream`` when given, else the current stream)."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         for dst, src in plan:
             dst.copy_(src, non_blocking=dst.is_cuda)
-    else:
-        with torch.cuda.stream(stream):
-            for dst, src in plan:
-                dst.copy_(src, non_blocking=True)
     return len(plan)
 
 
 # ----------------------------------------------------------------------------- a model in slabs
-
-
 @dataclass
 class SlabModel:
     """The decoder layers of a built-in shape whose linear weights (FP16 slab) and INT4 twins
@@ -197,7 +187,7 @@ class SlabModel:
     def slab(self, payload: str) -> LayerSlab:
         if payload not in PAYLOADS:
             raise MorphError(f"unknown payload {payload!r}: use one of {PAYLOADS}")
-        return self.fp16 if payload == "fp16" else self.int4
+        return {"fp16": self.fp16, "int4": self.int4}[payload]
 
     @classmethod
     @torch.no_grad()
@@ -228,16 +218,12 @@ class SlabModel:
             int4_tensors.append({f"{n}.{b}": layer_twins[n]._buffers[b] for n in names for b in ("packed", "scale_zero")})
         int4 = LayerSlab.from_tensors(int4_tensors, device)
         del int4_tensors
-        for li, layer_twins in enumerate(twins):  # the twins' buffers become views into the INT4 slab
-            for n, twin in layer_twins.items():
-                for b in ("packed", "scale_zero"):
-                    twin._buffers[b] = int4.view(li, f"{n}.{b}")
+        for li, n, b in ((li, n, b) for li in range(len(twins)) for n in names for b in ("packed", "scale_zero")):
+            twins[li][n]._buffers[b] = int4.view(li, f"{n}.{b}")  # the twins' buffers: views into the INT4 slab
         return cls(shape, layers, fp16, int4, twins)
 
 
 # ----------------------------------------------------------------------------- the experiment
-
-
 @dataclass(frozen=True)
 class TransferConfig:
     shapes: tuple[str, ...] = ("smollm2-135m",)
@@ -273,7 +259,7 @@ class CopyTimer:
     def __call__(self, plan) -> float:
         """Milliseconds of one execution of ``plan``."""
         if self.cuda:
-            self.stream.synchronize()
+            torch.cuda.synchronize()  # nothing else in flight (e.g. a zero_ on the default stream)
             self.start.record(self.stream)
             run_plan(plan, self.stream)
             self.end.record(self.stream)

@@ -1,0 +1,218 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Swap transfer cost
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/03_transfer.ipynb)
+#
+# A MorphServe swap is a copy: the INT4 version of a decoder layer waits in pinned host memory and
+# is copied over PCIe into the GPU when the layer is swapped in; a restore copies the FP16 bytes
+# back. The paper quotes about 4 ms for an INT4 Llama-2-7B layer over PCIe Gen4. This chapter
+# measures such copies on our GPU, and asks two design questions:
+#
+# * **Packing.** Does it pay to store a layer as one contiguous buffer and copy it with one
+#   `cudaMemcpyAsync` (then use views for its tensors), instead of one copy per tensor?
+# * **Contiguity.** Is a *block* of adjacent layers cheaper to copy than the same number of
+#   *scattered* layers? The seed project claimed so; here both move exactly the same bytes.
+#
+# Every copy lands in **real weight storage**: the layers' `nn.Linear` weights (and the INT4
+# twins' packed buffers) are views into one device buffer per precision, so a copy overwrites the
+# tensors the model computes with. Weights are random (a timing experiment needs real sizes, not
+# real values), with the shapes of public models.
+
+# %% tags=["parameters"]
+profile = "cpu"  # "cpu": small, for CI (CPU fallback); "gpu": the published numbers (needs CUDA)
+model = "smollm2-135m"  # shape used by the cpu profile (the gpu profile uses tinyllama-1.1b and llama-2-7b)
+seed = 0
+results_root = "results"
+device = "auto"  # "auto": CUDA when available, else the labelled CPU fallback
+layer_counts = [1, 2, 4, 8]
+group_size = 64
+
+# %%
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:  # Colab: install the book's library (elsewhere: pip install -r requirements.txt)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/morphbook/morphbook"],
+                   check=True)
+
+# %%
+import json
+
+import altair as alt
+import pandas as pd
+import torch
+from IPython.display import Markdown, display
+
+from morphlib.book import provenance_banner, shown_results
+from morphlib.errors import MorphError, install_notebook_handler
+from morphlib.plotting import setup_altair
+from morphlib.results import save_summary
+from morphlib.stale import is_stale
+from morphlib.transfer import TransferConfig, headline, resolve_device, run_transfer
+
+install_notebook_handler()
+setup_altair()
+
+if profile == "gpu":
+    if resolve_device(device).type != "cuda":
+        raise MorphError("profile 'gpu' measures host-to-GPU copies and needs a CUDA GPU; "
+                         "use profile='cpu' for the labelled CPU fallback")
+    shapes, repeats, warmup, ceiling_mb = ["tinyllama-1.1b", "llama-2-7b"], 40, 3, [1, 4, 16, 64, 256, 1024]
+elif profile == "cpu":
+    shapes, repeats, warmup, ceiling_mb = [model], 10, 2, [1, 4, 16, 64]
+if resolve_device(device).type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine
+    torch.set_num_threads(1)
+else:
+    raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
+config = TransferConfig(shapes=tuple(shapes), layer_counts=tuple(layer_counts), group_size=group_size,
+                        repeats=repeats, warmup=warmup, ceiling_mb=tuple(ceiling_mb), seed=seed, device=device)
+config
+
+# %% [markdown]
+# ## The design
+#
+# For each model shape, payload (FP16 weights, or INT4 g64 weights plus their bf16 scales) and
+# layer count *k*, we copy either a **block** (the *k* middle layers) or *k* **scattered** layers
+# (spread evenly over the depth), each with three packings:
+#
+# | packing | copies for *k* layers | what it models |
+# | --- | --- | --- |
+# | `tensor` | 7*k* (FP16) or 14*k* (INT4: packed + scales) | one copy per weight tensor, as a naive swap does |
+# | `layer` | *k* | one contiguous buffer per layer, one copy each (MorphServe's design) |
+# | `run` | one per run of adjacent layers: 1 for a block, *k* if scattered | a whole block stored and copied as one |
+#
+# Block and scattered with the `layer` packing issue the *same number of copies of the same
+# sizes*: any difference between them would have to come from where the bytes sit in memory.
+# All conditions run once per round, in a fresh random order each round (so drift hits all of
+# them alike), after warm-up rounds. On a GPU each copy is timed with CUDA events on a side
+# stream; the **ceiling** is one large contiguous pinned copy, measured the same way at several
+# sizes. After timing, the copied device bytes are compared with the host bytes (they start zeroed).
+
+# %%
+result = run_transfer(config)
+pd.DataFrame(result.timings)[["shape", "payload", "layers", "contiguity", "packing", "copies", "median_ms",
+                              "p99_ms", "gbps"]].round(3).head(12)
+
+# %%
+params = {"profile": profile, "model": model, "seed": seed, "threads": torch.get_num_threads(), "device": result.device, "shapes": shapes,
+          "layer_counts": layer_counts, "group_size": group_size, "repeats": repeats, "warmup": warmup,
+          "ceiling_mb": ceiling_mb}
+saved = save_summary("transfer", params, headline(result, shapes[-1], tuple(layer_counts)), results_root,
+             extra_files={"timings.json": result.timings, "ceiling.json": result.ceiling,
+                          "layer_bytes.json": result.layer_bytes})
+print(f"saved {saved}")
+
+# %% [markdown]
+# ## Results
+#
+# Everything below is drawn from the saved results files (the book shows the committed GPU results
+# when they exist, whatever machine builds it).
+
+# %%
+summary, root, label = shown_results("transfer", results_root)
+display(Markdown(provenance_banner(summary, is_stale("transfer", summary))))
+figures = summary["headline"]
+if summary["provenance"].get("device") == "cpu" or "CPU fallback" in str(figures.get("timer")):
+    display(Markdown("```{warning}\n**CPU fallback: no PCIe, numbers are memcpy.** These copies go from one host "
+                     "buffer to another, timed by wall clock on a shared CPU; they say nothing about PCIe.\n```\n"))
+timings = pd.DataFrame(json.loads((root / "transfer" / "timings.json").read_text()))
+ceiling = pd.DataFrame(json.loads((root / "transfer" / "ceiling.json").read_text()))
+layer_bytes = pd.DataFrame(json.loads((root / "transfer" / "layer_bytes.json").read_text()))
+layer_bytes.assign(fp16_mb=layer_bytes.fp16_bytes / 2**20, int4_mb=layer_bytes.int4_bytes / 2**20)[
+    ["shape", "layers", "fp16_mb", "int4_mb", "int4_ratio"]].round(3)
+
+# %% [markdown]
+# ### Bandwidth against copy size
+#
+# The line is the ceiling: one contiguous copy of the given size. Points are the layer copies
+# (one copy per layer, block); their size is the total bytes of the *k* layers.
+
+# %%
+per_layer = timings[(timings.packing == "layer") & (timings.contiguity == "block")].assign(
+    mb=lambda d: d.bytes / 2**20, what=lambda d: d["shape"] + " " + d["payload"])
+line = alt.Chart(ceiling).mark_line(point=True, color="gray").encode(
+    x=alt.X("mb:Q", scale=alt.Scale(type="log"), title="bytes copied (MiB, log)"),
+    y=alt.Y("gbps:Q", title="GB/s (median)"), tooltip=["mb", "median_ms", "gbps"])
+points = alt.Chart(per_layer).mark_point(size=70, filled=True).encode(
+    x="mb:Q", y="gbps:Q", color=alt.Color("what:N", title="shape, payload"),
+    tooltip=["shape", "payload", "layers", "median_ms", "p99_ms", "gbps"])
+(line + points).properties(title="Layer copies against the one-big-copy ceiling")
+
+# %% [markdown]
+# ### Packing: one copy per layer against one per tensor
+#
+# Median time of copying a block of *k* layers with each packing; the black tick is the p99.
+
+# %%
+block = timings[timings.contiguity == "block"]
+order = ["tensor", "layer", "run"]
+base = alt.Chart().encode(x=alt.X("layers:O", title="layers copied (block)"),
+                          xOffset=alt.XOffset("packing:N", sort=order))
+bars = base.mark_bar().encode(y=alt.Y("median_ms:Q", title="median ms"), color=alt.Color("packing:N", sort=order),
+                              tooltip=["shape", "payload", "layers", "packing", "copies", "median_ms", "p99_ms"])
+ticks = base.mark_tick(color="black", thickness=2, size=10).encode(y="p99_ms:Q")  # p99
+alt.layer(bars, ticks, data=block).properties(width=220, height=180).facet(
+    row=alt.Row("shape:N", title=None), column=alt.Column("payload:N", title=None)
+).resolve_scale(y="independent").properties(title="Copy time by packing")
+
+# %% [markdown]
+# ### Contiguity: block against scattered
+#
+# Ratio of scattered to block median time for the same packing (1 = no difference).
+
+# %%
+pair = timings[timings.layers > 1].pivot_table(index=["shape", "payload", "layers", "packing"],
+                                               columns="contiguity", values="median_ms").reset_index()
+pair["scattered_over_block"] = pair["scattered"] / pair["block"]
+rule = alt.Chart().mark_rule(color="gray", strokeDash=[4, 4]).encode(y=alt.datum(1.0))
+dots = alt.Chart().mark_point(filled=True, size=60).encode(
+    x=alt.X("layers:O", title="layers copied"), y=alt.Y("scattered_over_block:Q", title="scattered / block time"),
+    color="packing:N", shape="payload:N", tooltip=list(pair.columns))
+alt.layer(rule, dots, data=pair).properties(width=220, height=180).facet(column=alt.Column("shape:N", title=None)).properties(
+    title="Does contiguity matter?")
+
+# %% [markdown]
+# ### What the numbers say
+
+# %%
+v = {k: (x["value"] if isinstance(x, dict) else x) for k, x in figures.items()}
+kmax = max(summary["provenance"]["params"]["layer_counts"])
+lines = [f"* Shape **{v['shape']}**, timer: {v['timer']}. Ceiling (one big copy): **{v['ceiling_gbps']:.1f} GB/s**.",
+         f"* One FP16 layer: **{v['fp16_layer_ms']:.3f} ms**; one INT4 layer: **{v['int4_layer_ms']:.3f} ms** "
+         f"({v['fp16_layer_ms'] / v['int4_layer_ms']:.1f}x less time)."]
+for p in ("fp16", "int4"):
+    s1 = v[f"packed_vs_pertensor_speedup_{p}_1_layer"]
+    lines.append(f"* {p.upper()}: per-tensor copies take **{s1:.2f}x** the time of one copy per layer for one layer"
+                 + (f", {v[f'packed_vs_pertensor_speedup_{p}_{kmax}_layers']:.2f}x for {kmax} layers." if kmax > 1 else "."))
+    if kmax > 1:
+        r = v[f"scattered_vs_block_ratio_{p}_{kmax}_layers"]
+        verdict = "no practical difference" if abs(r - 1) < 0.05 else ("block faster" if r > 1 else "scattered faster")
+        lines.append(f"* {p.upper()}, {kmax} layers: scattered / block = **{r:.3f}** ({verdict}); one copy for the "
+                     f"whole block instead of one per layer: {v[f'block_one_copy_speedup_{p}_{kmax}_layers']:.2f}x.")
+lines.append(f"* Copied bytes bitwise equal to the host bytes: **{v['copies_bitwise_exact']}**.")
+display(Markdown("\n".join(lines)))
+
+# %% [markdown]
+# Reading guide. Block and scattered layers with one copy per layer are the *same* operations on
+# the same number of bytes, so a ratio near 1 is what physics predicts; the seed project's "block
+# is faster" compared one large copy with several smaller ones, which is the `run` packing here,
+# and any gain from it is a copy-size effect (small copies reach less of the ceiling), not a
+# property of adjacent layers. The p99 column is computed from the repeats of each condition (40
+# on the GPU profile), so it is close to the maximum observed.
+#
+# Not measured here (later issues): copies that compete with decode kernels for memory bandwidth
+# (chapter 4 overlaps them), the time to re-pack INT4 weights on the device, and restores (FP16
+# back) under a live KV cache.
