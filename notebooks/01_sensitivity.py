@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 1. Layer sensitivity to INT4
+# # Layer sensitivity to INT4
 #
 # [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/01_sensitivity.ipynb)
 #
@@ -38,7 +38,7 @@
 # for greedy selection. All measurements use the **calibration split only** (State of the Union
 # addresses 1790–1999).
 
-# %%
+# %% tags=["hide-input"]
 import sys
 import subprocess
 
@@ -90,6 +90,10 @@ params
 
 # %% [markdown]
 # ## Measure
+#
+# The cells of this section and the next run the experiment with this build's parameters (printed
+# above: the small `cpu` profile in CI). The figures after "Save" render the results named in the
+# blue or yellow banner, which are the committed GPU run's whenever one exists.
 #
 # One 16-bit pass with hooks gives LTS, LRS (each layer re-run on the same input with its INT4 twin)
 # and every hidden state for the angular distances; then each layer is swapped alone to measure

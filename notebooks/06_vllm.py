@@ -63,7 +63,8 @@ from morphlib.plotting import setup_altair
 from morphlib.results import save_summary
 from morphlib.stale import is_stale
 from morphlib.transfer import resolve_device
-from morphlib.vllm_demo import MatchConfig, headline, make_deterministic, token_match_experiment, vllm_status
+from morphlib.runtime import make_deterministic
+from morphlib.vllm_demo import MatchConfig, headline, token_match_experiment, vllm_status
 
 make_deterministic()  # before any CUDA work: identical runs must give identical tokens
 install_notebook_handler()

@@ -15,6 +15,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="/tmp/site:$PWD/src" PATH="/tmp/site/bin:$PATH"
 export MORPHLIB_CACHE=/tmp/morphlib-cache MORPHBOOK_TRACES="$PWD/.gpu-carry/traces"
 gguf="$MORPHLIB_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${MORPHBOOK_GIT_COMMIT:-}" ]; then
+  echo "error: no commits in .git here: pass MORPHBOOK_GIT_COMMIT=<sha> (and MORPHBOOK_GIT_DIRTY=0)" >&2; exit 2
+fi
 if [ ! -f /tmp/site/.ready ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   touch /tmp/site/.ready

@@ -164,6 +164,15 @@ FINDINGS: dict[str, tuple[str, ...]] = {
                    "heldout_win_rate_block_vs_best_scattered", "ci95_vs_best_scattered", "seed_protocol_wins",
                    "seed_protocol_trials", "seed_protocol_selection_expected", "verdict_contiguous_vs_lis",
                    "verdict_contiguous_vs_best_scattered", "verdict_middle_layers_safest"),
+    "transfer": ("shape", "timer", "ceiling_gbps", "fp16_layer_ms", "int4_layer_ms",
+                 "packed_vs_pertensor_speedup_fp16_8_layers", "scattered_vs_block_ratio_fp16_8_layers",
+                 "copies_bitwise_exact"),
+    "overlap": ("tpot_ms_no_swap", "tpot_ms_sync_swap_step", "tpot_ms_async_swap_step", "swap_ms",
+                "async_tokens_match_sync", "freed_mib_measured", "freed_mib_expected"),
+    "burst": ("conv_peak_to_mean_rps_1s", "code_peak_to_mean_rps_1s", "kv_kib_per_token", "l4_kv_gain_pct_16_layers",
+              "l4_conv_overload_pct_0_layers", "l4_conv_overload_pct_16_layers"),
+    "vllm": ("engine", "fp16_repeat_match", "all_layers_match", "block_match_2", "scattered_match_2",
+             "block_match_6", "scattered_match_6", "block_match_8", "scattered_match_8"),
 }
 
 

@@ -7,7 +7,7 @@ greedy ``generate``, and the tokens compared with the 16-bit model's, position b
 
 Conditions for each swap count *k*: a contiguous **block** of *k* middle layers, *k* **scattered**
 layers spread evenly over the depth, plus **all** layers, and a 16-bit **repeat** as a control (it
-must match itself exactly, or the comparison measures noise: see :func:`make_deterministic`). Decode speed is the wall time of
+must match itself exactly, or the comparison measures noise: see :func:`morphlib.runtime.make_deterministic`). Decode speed is the wall time of
 ``generate`` per new token (it includes the prompt's prefill), measured in the same run after one
 untimed warm-up generation.
 """
@@ -25,16 +25,8 @@ import torch
 
 from morphlib.errors import MorphError
 from morphlib.metrics import greedy_tokens, token_match
+from morphlib.runtime import make_deterministic  # noqa: F401  (re-exported for chapter 6)
 from morphlib.transfer import block_layers, spread_layers
-
-
-def make_deterministic() -> None:
-    """Bitwise-repeatable GPU runs. Without this, two identical bf16 greedy generations of the same model
-    on an H100 matched on only 93-98 % of tokens; with it, 100 %. It must be the strict mode: with
-    ``warn_only=True`` the runs still differed. Call before the first CUDA operation (cuBLAS reads
-    ``CUBLAS_WORKSPACE_CONFIG`` when it starts); an op without a deterministic kernel then raises."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
 
 
 def vllm_status(try_import: bool = True) -> dict:
