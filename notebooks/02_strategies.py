@@ -96,8 +96,15 @@ P = {"gpu": dict(ks=[2, 4, 6, 8, 10, 12, 16, 20, 24], seed_ks=[2, 4, 8, 11], n_r
                  len=512, prompts=16, prompt_len=32, new_tokens=32, awq_tokens=4096, awq_grid=20),
      "cpu": dict(ks=[2, 4], seed_ks=[2], n_random=3, calib=4, held=6, len=128, prompts=2, prompt_len=16,
                  new_tokens=8, awq_tokens=512, awq_grid=10)}[profile]
-ks = sorted(ks or P["ks"])
-seed_protocol_ks = sorted(seed_protocol_ks or P["seed_ks"])
+def int_list(value, name):  # papermill's -p passes lists as strings: accept "[2, 4]" too
+    try:
+        return [int(v) for v in (json.loads(value) if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise MorphError(f"{name} must be a list of integers, got {value!r}") from None
+
+
+ks = sorted(int_list(ks, "ks") or P["ks"])
+seed_protocol_ks = sorted(int_list(seed_protocol_ks, "seed_protocol_ks") or P["seed_ks"])
 n_random = n_random or P["n_random"]
 calib_windows, heldout_windows, window_len = calib_windows or P["calib"], heldout_windows or P["held"], window_len or P["len"]
 torch.manual_seed(seed)
