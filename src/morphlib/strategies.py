@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from morphlib.metrics import Reference, greedy_tokens, score, token_match, window_nll
 from morphlib.morph import Morpher
-from morphlib.sensitivity import final_hidden, lis, lis_normalised, mds_given
+from morphlib.sensitivity import lis, lis_normalised, mds_given
 
 SCATTERED = ("greedy_lis", "static_lis", "static_lis_norm", "greedy_dppl")
 CONTIGUOUS = ("block", "front_to_back", "back_to_front", "middle_block", "gromov_block")
@@ -87,10 +87,7 @@ class Selector:
         ids = self.calib.ids
         for _ in tqdm(range(k_max), desc="greedy LIS", disable=not self.progress, leave=False):
             rest = [i for i in range(self.n) if i not in order]
-            with self.morpher.morphed(order):
-                base = torch.cat([final_hidden(self.model, ids[s:s + self.batch_size])
-                                  for s in range(0, len(ids), self.batch_size)])
-            mds = mds_given(self.model, self.morpher, ids, order, rest, self.batch_size, base=base)
+            mds = mds_given(self.model, self.morpher, ids, order, rest, self.batch_size)  # base: final hidden with Q
             values = {i: float(lis(self.lts[i], self.lrs[i], mds[i].mean())) for i in rest}
             pick = max(values, key=values.get)
             self.log["greedy_lis"].append({"step": len(order) + 1, "layer": pick, "lis": values})

@@ -28,7 +28,7 @@ from torch import nn
 
 from morphlib.errors import MorphError
 from morphlib.int4 import Int4Linear
-from morphlib.models import SHAPES, layer_linears, shape_layer_bytes
+from morphlib.models import SHAPES, _resolve_device, layer_linears, shape_layer_bytes
 
 ALIGN = 256
 PACKINGS = ("tensor", "layer", "run")
@@ -239,9 +239,9 @@ class TransferConfig:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dev.type not in ("cuda", "cpu") or (dev.type == "cuda" and not torch.cuda.is_available()):
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error (the rule of load_model)."""
+    dev = _resolve_device(None if device == "auto" else device)
+    if dev.type not in ("cuda", "cpu"):
         raise MorphError(f"device {device!r} is not available here (use 'auto', 'cuda' with a GPU, or 'cpu')")
     return dev
 
