@@ -83,6 +83,7 @@ from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.metrics import Reference, greedy_tokens
 from morphlib.sensitivity import layer_passes, mds_given
 from morphlib.strategies import HeldoutEval, Selector, evaluate_sets, seed_protocol
+from morphlib.stats import bootstrap_ci
 from morphlib.verdicts import paired_by_k, pooled, verdict_contiguous, verdict_middle
 from morphlib.results import save_summary
 from morphlib.book import shown_results, show_provenance
@@ -174,8 +175,11 @@ verdicts = {"contiguous_vs_lis": verdict_contiguous(pool_lis, rows, "greedy LIS"
             "contiguous_vs_best_scattered": verdict_contiguous(pool_scat, rows, "best scattered"),
             "middle_layers_safest": middle["verdict"]}
 ppl = {(r["strategy"], r["k"]): r["heldout_ppl"] for r in records if r["seed"] is None}
+ppl_ci = lambda key: [float(np.exp(b)) for b in bootstrap_ci(nll[key], n_boot, seed)]  # noqa: E731 (over windows)
 per_k = {str(k): {"block": ppl[("block", k)], "greedy_lis": ppl[("greedy_lis", k)],
                   "best_scattered": ppl[(best_scattered[k], k)], "best_scattered_strategy": best_scattered[k],
+                  "block_ci95": ppl_ci(f"block/{k}"), "greedy_lis_ci95": ppl_ci(f"greedy_lis/{k}"),
+                  "best_scattered_ci95": ppl_ci(f"{best_scattered[k]}/{k}"),
                   "block_vs_lis_effect_pct_ci95": next(r["effect_ci95"] for r in rows if r["k"] == k and r["versus"] == "greedy LIS"),
                   "block_vs_best_scattered_effect_pct_ci95": next(r["effect_ci95"] for r in rows if r["k"] == k and r["versus"] == "best scattered")}
          for k in ks}
@@ -246,9 +250,16 @@ bars = alt.Chart(PR).mark_rule().encode(x="k:O", xOffset="versus:N", y="lo:Q", y
 zero = alt.Chart(pd.DataFrame({"y": [0]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
 (bars + pts + zero).properties(width=560, height=300)
 
+# %% [markdown]
+# Per k, held-out perplexity with 95 % bootstrap intervals over windows. These intervals are wide
+# and overlap because windows differ far more from one another than the strategies do; the paired
+# effects in the last two columns (and the chart above) compare the sets on the same windows and
+# are the sharper test.
+
 # %%
-table = pd.DataFrame([{"k": int(k), "block": v["block"], "greedy LIS": v["greedy_lis"], "best scattered": v["best_scattered"],
-                       "(which)": v["best_scattered_strategy"],
+with_ci = lambda v, name: f"{v[name]:.3f} ({v[name + '_ci95'][0]:.2f}-{v[name + '_ci95'][1]:.2f})"  # noqa: E731
+table = pd.DataFrame([{"k": int(k), "block (95 % CI)": with_ci(v, "block"), "greedy LIS": with_ci(v, "greedy_lis"),
+                       "best scattered": with_ci(v, "best_scattered"), "(which)": v["best_scattered_strategy"],
                        "block vs LIS, % (95 % CI)": "{:+.2f} .. {:+.2f}".format(*v["block_vs_lis_effect_pct_ci95"]),
                        "block vs best scattered, % (95 % CI)": "{:+.2f} .. {:+.2f}".format(*v["block_vs_best_scattered_effect_pct_ci95"])}
                       for k, v in H["per_k"].items()])

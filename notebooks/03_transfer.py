@@ -73,10 +73,10 @@ if profile == "gpu":
     shapes, repeats, warmup, ceiling_mb = ["tinyllama-1.1b", "llama-2-7b"], 40, 3, [1, 4, 16, 64, 256, 1024]
 elif profile == "cpu":
     shapes, repeats, warmup, ceiling_mb = [model], 10, 2, [1, 4, 16, 64]
-if resolve_device(device).type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine
-    torch.set_num_threads(1)
 else:
     raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
+if resolve_device(device).type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine
+    torch.set_num_threads(1)
 config = TransferConfig(shapes=tuple(shapes), layer_counts=tuple(layer_counts), group_size=group_size,
                         repeats=repeats, warmup=warmup, ceiling_mb=tuple(ceiling_mb), seed=seed, device=device)
 config

@@ -145,6 +145,8 @@ def test_provenance_banner_kinds():
     assert cpu.startswith("```{warning}") and "**CPU profile** (small parameters, for CI)" in cpu and "abcdef1+dirty" in cpu
     old = provenance_banner(_summary("gpu", "NVIDIA H200"), stale=True)
     assert old.startswith("```{danger}") and "Stale" in old
+    edited = provenance_banner(_summary("gpu", "NVIDIA H200"), stale=False, changed=["records.json"])
+    assert edited.startswith("```{danger}") and "**Modified results**: records.json" in edited
 
 
 def test_format_value():

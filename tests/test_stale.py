@@ -142,3 +142,48 @@ def test_notebooks_dir_override(project, tmp_path_factory, monkeypatch):
     (other / "02_strategies.py").write_text(text.replace("seed = 0", "seed = 5"))
     monkeypatch.setenv("MORPHBOOK_NOTEBOOKS", str(other))
     assert status(project)["strategies"].startswith("STALE")
+
+
+@pytest.fixture
+def with_details(project):
+    params = {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": str(project / "results")}
+    save_summary("strategies", params, {"ppl": 40.1}, project / "results",
+                 extra_files={"records.json": [{"k": 2, "ppl": 41.0}], "notes.md": "k=2: 41.0\n"})
+    return project
+
+
+def test_manifest_lists_every_detail_file(with_details):
+    import hashlib
+    import json
+
+    out = with_details / "results" / "strategies"
+    files = json.loads((out / "summary.json").read_text())["provenance"]["files"]
+    assert sorted(files) == ["notes.md", "records.json"]
+    for name, rec in files.items():
+        data = (out / name).read_bytes()
+        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert status(with_details)["strategies"] == "ok"
+
+
+@pytest.mark.parametrize("change", ["edit", "delete"])
+def test_hand_edited_or_missing_detail_file_fails(with_details, change, capsys):
+    path = with_details / "results" / "strategies" / "records.json"
+    if change == "edit":
+        path.write_text(path.read_text().replace("41.0", "39.0"))
+        expected = "MODIFIED (differs from the run's manifest: records.json)"
+    else:
+        path.unlink()
+        expected = "MODIFIED (differs from the run's manifest: records.json (missing))"
+    assert status(with_details)["strategies"] == expected
+    assert stale.main(["--results", str(with_details / "results"), "--root", str(with_details)]) == 1
+    assert "MODIFIED" in capsys.readouterr().out
+
+
+def test_summary_without_manifest_is_still_checked_by_code_hash(with_details):
+    import json
+
+    path = with_details / "results" / "strategies" / "summary.json"
+    data = json.loads(path.read_text())
+    del data["provenance"]["files"]  # written before manifests existed
+    path.write_text(json.dumps(data))
+    assert status(with_details)["strategies"] == "ok"

@@ -87,13 +87,22 @@ def source_text(prov: dict) -> str:
     return "CPU profile"
 
 
-def provenance_banner(summary: dict, stale: bool, path: str | os.PathLike | None = None) -> str:
-    """A MyST admonition saying where this page's numbers come from (show with IPython Markdown)."""
+def provenance_banner(summary: dict, stale: bool, path: str | os.PathLike | None = None,
+                      changed: list[str] | None = None) -> str:
+    """A MyST admonition saying where this page's numbers come from (show with IPython Markdown).
+
+    ``changed``: detail files that no longer match the run's sha256 manifest (see results.changed_files).
+    """
     prov = summary.get("provenance") or {}
     date = (prov.get("date") or "unknown date")[:10]
     where = f" ({Path(path).as_posix()})" if path else ""
     made = f"{date}, {short_commit(prov)}{where}"
-    if stale:
+    if changed:
+        kind, text = "danger", (
+            f"**Modified results**: {', '.join(changed)} no longer match the files this run wrote "
+            f"({source_text(prov)}, {made}). Rerun the chapter."
+        )
+    elif stale:
         kind, text = "danger", (
             f"**Stale results**: this chapter's code changed since these numbers were made "
             f"({source_text(prov)}, {made}). Rerun the chapter to refresh them."
@@ -117,8 +126,11 @@ def show_provenance(chapter_name: str, summary: dict, root: str | os.PathLike):
 
     from morphlib.stale import is_stale
 
+    from morphlib.results import changed_files
+
     path = Path(root) / chapter(chapter_name).results_subdir / "summary.json"
-    display(Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path)))
+    display(Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path,
+                                       changed=changed_files(chapter_name, summary, root))))
 
 
 # --------------------------------------------------------------------------- findings table

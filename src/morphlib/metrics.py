@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from morphlib.errors import MorphError
@@ -125,11 +124,3 @@ def token_match(reference: torch.Tensor, other: torch.Tensor) -> dict[str, np.nd
     prefix = torch.where(eq.all(dim=1), torch.tensor(eq.shape[1]), (~eq).int().argmax(dim=1))
     return {"match": eq.float().mean(dim=1).double().numpy(), "prefix": prefix.double().numpy()}
 
-
-def kl_divergence(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(ref || other) over the last dimension, from log-probabilities."""
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -260,16 +261,45 @@ def save_summary(
     results_root: str | os.PathLike = "results",
     extra_files: dict[str, Any] | None = None,
 ) -> Path:
-    """Write extra files, then summary.json (the commit point). Returns the summary path."""
+    """Write extra files, then summary.json (the commit point). Returns the summary path.
+
+    The provenance lists every extra file with its sha256 and size (``provenance["files"]``), so each
+    detail file is tied to the run that made it: ``python -m morphlib.stale`` fails when one was
+    edited, replaced or removed afterwards.
+    """
     if not isinstance(headline, dict) or not headline:
         raise MorphError("headline must be a non-empty dict of figure name -> value")
     out_dir = summary_path(chapter, results_root).parent
     prov = provenance(chapter, params)
+    files = {}
     for name, obj in (extra_files or {}).items():
         if not _SAFE_NAME.match(name) or ".." in name.split("/") or name == SUMMARY_NAME:
             raise MorphError(f"bad extra file name {name!r} (relative, letters/digits/._- only, not summary.json)")
-        write_result_file(out_dir / name, obj)
+        files[name] = file_record(write_result_file(out_dir / name, obj))
+    prov["files"] = dict(sorted(files.items()))
     return atomic_write_json(out_dir / SUMMARY_NAME, {"provenance": prov, "headline": to_jsonable(headline)})
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """{"sha256", "bytes"} of one result file."""
+    data = Path(path).read_bytes()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def changed_files(chapter: str, summary: dict, results_root: str | os.PathLike = "results") -> list[str]:
+    """Detail files that differ from the manifest in the summary's provenance ("name (missing)" when gone).
+
+    Summaries written before manifests existed have none: nothing to compare, nothing reported.
+    """
+    out_dir = summary_path(chapter, results_root).parent
+    bad = []
+    for name, rec in sorted(((summary.get("provenance") or {}).get("files") or {}).items()):
+        path = out_dir / name
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif file_record(path) != rec:
+            bad.append(name)
+    return bad
 
 
 def load_summary(chapter: str, results_root: str | os.PathLike = "results") -> dict | None:

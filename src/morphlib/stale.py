@@ -9,7 +9,9 @@
       ``__init__`` are left out, so rendering changes never invalidate data.
 
 CLI: ``python -m morphlib.stale [--results results] [--root .] [--explain]`` prints one line per
-chapter (ok / STALE / missing) and exits 1 if any existing result is stale.
+chapter (ok / STALE / MODIFIED / missing) and exits 1 if any existing result is stale, or if a
+detail file no longer matches the sha256 manifest its summary.json recorded (edited by hand, replaced,
+or deleted after the run).
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def is_stale(chapter: str, summary: dict, root: str | Path | None = None) -> boo
 def check(results: str | Path = "results", root: str | Path | None = None) -> list[tuple[str, str, bool]]:
     """(chapter, message, failed) for every chapter."""
     from morphlib.book import CHAPTERS
-    from morphlib.results import load_summary
+    from morphlib.results import changed_files, load_summary
 
     root = _root(root)
     rows = []
@@ -197,6 +199,8 @@ def check(results: str | Path = "results", root: str | Path | None = None) -> li
             rows.append((ch.name, f"STALE (notebook {ch.notebook} not found; results made at {commit})", True))
         elif recorded != current:
             rows.append((ch.name, f"STALE (code changed since results were made: {commit})", True))
+        elif changed := changed_files(ch.name, summary, results):
+            rows.append((ch.name, f"MODIFIED (differs from the run's manifest: {', '.join(changed)})", True))
         else:
             rows.append((ch.name, "ok", False))
     return rows
