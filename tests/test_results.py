@@ -198,3 +198,13 @@ def test_vega_bundle_sets_altair_versions():
     assert js.splitlines()[1] == "(function () {"
     assert f'"vegalite_version": "{alt.VEGALITE_VERSION}"' in js and "window.vegaEmbed" in js
     assert setup_altair() == "html" and alt.theme.active == "morphbook"
+
+
+def test_loaded_summary_orders_integer_keys_numerically(tmp_path):
+    per_k = {"2": 1.0, "10": 3.0, "4": 2.0, "24": 4.0}
+    save_summary("strategies", PARAMS, {"per_k": per_k, "by_name": {"b": 1, "a": 2}}, tmp_path)
+    on_disk = json.loads((tmp_path / "strategies" / "summary.json").read_text())["headline"]["per_k"]
+    assert list(on_disk) == ["10", "2", "24", "4"]  # text order in the file
+    loaded = load_summary("strategies", tmp_path)["headline"]
+    assert list(loaded["per_k"]) == ["2", "4", "10", "24"] and loaded["per_k"]["10"] == 3.0
+    assert list(loaded["by_name"]) == ["a", "b"]  # other dicts keep the file's order

@@ -313,4 +313,17 @@ def load_summary(chapter: str, results_root: str | os.PathLike = "results") -> d
         raise MorphError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "provenance" not in data or "headline" not in data:
         raise MorphError(f"{path}: expected keys 'provenance' and 'headline'")
-    return data
+    return _numeric_key_order(data)
+
+
+def _numeric_key_order(obj: Any) -> Any:
+    """Dicts keyed by integers ("2", "10", ...) in numeric order: JSON files store keys sorted as
+    text ("10" before "2"), and tables built from them should read 2, 4, ..., 24."""
+    if isinstance(obj, list):
+        return [_numeric_key_order(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    items = [(k, _numeric_key_order(v)) for k, v in obj.items()]
+    if items and all(re.fullmatch(r"-?\d+", k) for k, _ in items):
+        items.sort(key=lambda kv: int(kv[0]))
+    return dict(items)
