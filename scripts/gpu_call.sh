@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Command of the device calls that make the book's GPU results (see README, "GPU run").
+# Command of the device calls that make the book's GPU results (book/reproduce.md, "On this project's
+# lent GPU machines"). Each call on the warm machine runs some chapters:
 #
-#   bash scripts/gpu_call.sh --chapters sensitivity,strategies      # call 2 (sets the machine up)
-#   bash scripts/gpu_call.sh --chapters transfer,overlap,burst,vllm  # call 3 (machine still warm)
+#   MORPHBOOK_DEADLINE_S=570 bash scripts/gpu_call.sh --chapters sensitivity   # call 2 (sets the machine up)
+#   MORPHBOOK_DEADLINE_S=570 bash scripts/gpu_call.sh --chapters strategies    # call 3 (~560 s on an H100)
+#   MORPHBOOK_DEADLINE_S=570 bash scripts/gpu_call.sh --chapters transfer,overlap,burst,vllm  # call 4
 #
 # First use on a machine: expects the first GGUF part in /tmp/morphbook-model/ (copied there by call 1),
 # the second in .model-b/, wheels in .whl/, corpus and traces in .gpu-carry/. It installs the wheels,
 # rebuilds the model file and the corpus cache, runs the GPU tests and the INT4 bench (log:
-# $OUT/gpu-tests.log; MORPHBOOK_GPU_TESTS=0 skips them, ~70 s). Every use then runs the given chapters on the gpu profile (scripts/gpu_runner.sh)
-# and packs results and executed notebooks into $OUT/gpu-results.tar.gz.
+# $OUT/gpu-tests.log; MORPHBOOK_GPU_TESTS=0 skips them, ~70 s). Every use then runs the given chapters
+# on the gpu profile (scripts/gpu_runner.sh; MORPHBOOK_DEADLINE_S stops them in time to pack what
+# finished) and packs results and executed notebooks into $OUT/gpu-results.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

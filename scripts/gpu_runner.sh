@@ -9,6 +9,7 @@
 # from the repository root; a failing chapter does not stop the others, but the exit status is
 # non-zero at the end. The archive holds results/ plus _build/gpu-run/ (executed notebooks, run.log,
 # status.json, failures.txt, env.txt): untar it in the repository root and `git add results/`.
+# Set MORPHBOOK_DEADLINE_S to stop the chapters in time and still get the archive (see below).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -52,8 +53,13 @@ PY
 cat "$run_dir/env.txt"
 
 start=$(date +%s)
-python3 scripts/run_chapters.py --profile gpu --results-root results --out-dir "$run_dir/executed" "$@" 2>&1 | tee "$log"
+# MORPHBOOK_DEADLINE_S: stop the chapters after that many seconds (SIGINT) and still pack what finished,
+# for machines whose calls have a hard limit (a chapter writes summary.json last: no half results).
+deadline=()
+[ -n "${MORPHBOOK_DEADLINE_S:-}" ] && deadline=(timeout -s INT "$MORPHBOOK_DEADLINE_S")
+"${deadline[@]}" python3 scripts/run_chapters.py --profile gpu --results-root results --out-dir "$run_dir/executed" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
+[ "$rc" = 124 ] && echo "deadline: stopped after ${MORPHBOOK_DEADLINE_S} s; packing what finished" | tee -a "$log"
 echo "wall time: $(( $(date +%s) - start )) s" | tee -a "$log"
 
 python3 - "$run_dir" <<'PY' || true

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -56,9 +58,12 @@ def project(tmp_path, monkeypatch):
         (pkg / name).write_text(text)
     monkeypatch.setenv("MORPHBOOK_ROOT", str(tmp_path))
     monkeypatch.delenv("MORPHBOOK_NOTEBOOKS", raising=False)
-    params = {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": str(tmp_path / "results")}
-    save_summary("strategies", params, {"ppl": 40.1}, tmp_path / "results")
+    save_summary("strategies", _params(tmp_path), {"ppl": 40.1}, tmp_path / "results")
     return tmp_path
+
+
+def _params(project: Path) -> dict:
+    return {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": str(project / "results")}
 
 
 def status(project: Path) -> dict[str, str]:
@@ -146,16 +151,12 @@ def test_notebooks_dir_override(project, tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def with_details(project):
-    params = {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": str(project / "results")}
-    save_summary("strategies", params, {"ppl": 40.1}, project / "results",
+    save_summary("strategies", _params(project), {"ppl": 40.1}, project / "results",
                  extra_files={"records.json": [{"k": 2, "ppl": 41.0}], "notes.md": "k=2: 41.0\n"})
     return project
 
 
 def test_manifest_lists_every_detail_file(with_details):
-    import hashlib
-    import json
-
     out = with_details / "results" / "strategies"
     files = json.loads((out / "summary.json").read_text())["provenance"]["files"]
     assert sorted(files) == ["notes.md", "records.json"]
@@ -180,8 +181,6 @@ def test_hand_edited_or_missing_detail_file_fails(with_details, change, capsys):
 
 
 def test_summary_without_manifest_is_still_checked_by_code_hash(with_details):
-    import json
-
     path = with_details / "results" / "strategies" / "summary.json"
     data = json.loads(path.read_text())
     del data["provenance"]["files"]  # written before manifests existed

@@ -124,9 +124,8 @@ def show_provenance(chapter_name: str, summary: dict, root: str | os.PathLike):
     """
     from IPython.display import Markdown, display
 
-    from morphlib.stale import is_stale
-
     from morphlib.results import changed_files
+    from morphlib.stale import is_stale
 
     path = Path(root) / chapter(chapter_name).results_subdir / "summary.json"
     display(Markdown(provenance_banner(summary, is_stale(chapter_name, summary), path=path,

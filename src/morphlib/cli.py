@@ -13,6 +13,8 @@ from morphlib.errors import one_line_errors
 
 
 def _layer_costs(args) -> None:
+    from tqdm.auto import tqdm
+
     from morphlib.corpus import make_windows
     from morphlib.metrics import Reference, score
     from morphlib.models import check_layers, load_model
@@ -20,8 +22,7 @@ def _layer_costs(args) -> None:
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
-    if args.layers:
-        check_layers(model, args.layers)
+    layers = check_layers(model, args.layers) if args.layers else None  # fail before the slow work
     load_s = time.perf_counter() - t0
     torch.manual_seed(args.seed)
     heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=args.texts)
@@ -32,23 +33,20 @@ def _layer_costs(args) -> None:
     print(f"model {args.model} on {next(model.parameters()).device} ({load_s:.1f} s to load), {config.label}, "
           f"held-out: {len(heldout)} windows x {args.length} tokens ({', '.join(sorted(set(heldout.domain)))})")
     print(f"16-bit perplexity {ref.ppl:.3f}")
+    sizes = [morpher.layer_bytes(i) for i in range(morpher.num_layers)]
     rows = []
-    from tqdm.auto import tqdm
-
-    layers = check_layers(model, args.layers) if args.layers else range(morpher.num_layers)
-    for layer in tqdm(layers, desc="layers", leave=False):
+    for layer in tqdm(layers if layers is not None else range(morpher.num_layers), desc="layers", leave=False):
         with morpher.morphed([layer]):
             s = score(model, ref, args.batch_size)
-        b = morpher.layer_bytes(layer)
-        rows.append((layer, s.ppl, 100 * (s.ppl / ref.ppl - 1), float(s.kl.mean()), (b["fp16"] - b["int4"]) / 2**20, b))
+        freed = (sizes[layer]["fp16"] - sizes[layer]["int4"]) / 2**20
+        rows.append((layer, s.ppl, 100 * (s.ppl / ref.ppl - 1), float(s.kl.mean()), freed))
     print(f"{'layer':>5} {'ppl':>8} {'dppl %':>7} {'KL':>8} {'frees MiB':>9}")
-    for layer, ppl, dppl, kl, freed, _ in rows:
+    for layer, ppl, dppl, kl, freed in rows:
         print(f"{layer:>5} {ppl:>8.3f} {dppl:>+7.2f} {kl:>8.4f} {freed:>9.2f}")
     morpher.swap(range(morpher.num_layers))
     all_int4 = score(model, ref, args.batch_size)
     morpher.restore()
-    fp16 = sum(morpher.layer_bytes(i)["fp16"] for i in range(morpher.num_layers))
-    int4 = sum(morpher.layer_bytes(i)["int4"] for i in range(morpher.num_layers))
+    fp16, int4 = sum(b["fp16"] for b in sizes), sum(b["int4"] for b in sizes)
     cheapest = min(rows, key=lambda r: r[1])
     dearest = max(rows, key=lambda r: r[1])
     print(f"all {morpher.num_layers} layers INT4: perplexity {all_int4.ppl:.3f} ({100 * (all_int4.ppl / ref.ppl - 1):+.1f} %), "
@@ -60,8 +58,9 @@ def _bench(args) -> None:
     import torch.utils.benchmark as tb
 
     from morphlib.int4 import KERNEL_MAX_TOKENS, Int4Linear
+    from morphlib.models import _resolve_device
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _resolve_device(args.device)  # default: CUDA when available; 'cuda' without a GPU is a one-line error
     n, k = args.n, args.k
     lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
     q = Int4Linear.from_linear(lin, group_size=args.group_size)
