@@ -24,14 +24,14 @@ def tok(model_tok):
 
 @pytest.fixture(scope="session")
 def heldout(tok):
-    from morphlib.corpus import make_windows
+    from morphlib.eval.corpus import make_windows
 
     return make_windows(tok, "heldout", 8, 256, seed=0)
 
 
 @pytest.fixture(scope="session")
 def calibration(tok):
-    from morphlib.corpus import make_windows
+    from morphlib.eval.corpus import make_windows
 
     return make_windows(tok, "calibration", 4, 256, seed=0)
 

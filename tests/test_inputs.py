@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from morphlib.corpus import make_windows, tokenize_text
+from morphlib.eval.corpus import make_windows, tokenize_text
 from morphlib.errors import MorphError
-from morphlib.models import SHAPES, load_model, shape_layer_bytes, synthetic_model
+from morphlib.models import load_model, synthetic_model
+from morphlib.shapes import SHAPES, shape_layer_bytes
 
 
 def run_cli(*args):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from morphlib.errors import MorphError
-from morphlib.int4 import (Int4Linear, dequantize_groupwise, int4_nbytes, pack, quantize_groupwise,
+from morphlib.quant.int4 import (Int4Linear, dequantize_groupwise, int4_nbytes, pack, quantize_groupwise,
                            unpack)
 from morphlib.models import decoder_layers, layer_linears
 

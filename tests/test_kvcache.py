@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from morphlib.errors import MorphError
-from morphlib.kvcache import (CARDS, GIB, Card, busiest_window, extra_blocks, kv_block_bytes, kv_blocks_from_budget,
+from morphlib.workloads.kvcache import (CARDS, GIB, Card, busiest_window, extra_blocks, kv_block_bytes, kv_blocks_from_budget,
                               kv_bytes_per_token, kv_bytes_per_token_layer, kv_capacity, kv_demand, overload_pct,
                               weight_bytes)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from morphlib.errors import MorphError
-from morphlib.int4 import Int4Linear
+from morphlib.quant.int4 import Int4Linear
 from morphlib.models import decoder_layers, layer_linears
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from morphlib.metrics import Reference, greedy_tokens, score, token_match
+from morphlib.eval.metrics import Reference, greedy_tokens, score, token_match
 from morphlib.morph import QuantConfig, prepare_morphing
 
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from morphlib.corpus import make_windows
-from morphlib.metrics import Reference, window_nll
-from morphlib.sensitivity import layer_passes, lis, lis_normalised, lis_term_shares, mds_given, single_layer_costs
-from morphlib.strategies import Selector, is_contiguous
+from morphlib.eval.corpus import make_windows
+from morphlib.eval.metrics import Reference, window_nll
+from morphlib.select.sensitivity import layer_passes, lis, lis_normalised, lis_term_shares, mds_given, single_layer_costs
+from morphlib.select.layersets import is_contiguous
+from morphlib.select.strategies import Selector
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,9 @@ def test_lis_arithmetic():
 
 def test_selector_choices(model, rtn_morpher, tiny, passes):
     ref = Reference.compute(model, tiny.ids)
+    mds0 = mds_given(model, rtn_morpher, ref.ids, [], range(30))
     sel = Selector(model, rtn_morpher, ref, passes["lts"].mean(0), passes["lrs"].mean(0),
-                   passes["angular"].mean(0), progress=False)
+                   passes["angular"].mean(0), mds0, progress=False)
     block = sel.best_block(3)
     assert is_contiguous(block) and len(block) == 3
     singles = {i: sel.calib_nll([i]) for i in range(30)}

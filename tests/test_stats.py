@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from morphlib.stats import bootstrap_ci, paired_comparison, pooled_win_rate, selection_expected_wins, sign_test
-from morphlib.verdicts import paired_by_k, pooled, verdict_contiguous
+from morphlib.eval.stats import bootstrap_ci, paired_comparison, pooled_win_rate, selection_expected_wins, sign_test
+from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous
 
 
 def test_selection_alone_predicts_the_seed_count():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from morphlib.errors import MorphError
-from morphlib.traces import TRACE_FILES, binned, burstiness, load_named, load_trace, resolve_traces_dir
+from morphlib.workloads.traces import TRACE_FILES, binned, burstiness, load_named, load_trace, resolve_traces_dir
 
 
-# The real traces are required (../shared/traces next to the repository, or $MORPHBOOK_TRACES): a missing
+# The real traces ship with the package (morphlib/data/traces); they are required: a missing
 # folder fails these tests with the loader's one-line error instead of skipping them silently.
 
 
@@ -87,10 +87,19 @@ def test_missing_folder_and_file(tmp_path, monkeypatch):
         load_trace(tmp_path / "nope.csv")
     with pytest.raises(MorphError, match="traces folder not found"):
         resolve_traces_dir(tmp_path / "absent")
-    monkeypatch.setenv("MORPHBOOK_TRACES", str(tmp_path))
+    monkeypatch.setenv("MORPHLIB_TRACES", str(tmp_path))
     assert resolve_traces_dir() == tmp_path.resolve()
     with pytest.raises(MorphError, match=TRACE_FILES["azure-code"]):
         load_named("azure-code")
     with pytest.raises(MorphError, match="unknown trace"):
         load_named("azure-chat")
-    assert os.environ["MORPHBOOK_TRACES"] == str(tmp_path)
+    assert os.environ["MORPHLIB_TRACES"] == str(tmp_path)
+
+
+def test_traces_ship_with_the_package(monkeypatch):
+    """A clone (or a pip install) stands alone: the default folder is the package's own copy, licences included."""
+    monkeypatch.delenv("MORPHLIB_TRACES", raising=False)
+    folder = resolve_traces_dir()
+    assert folder.parts[-3:] == ("morphlib", "data", "traces")
+    for name in (*TRACE_FILES.values(), "README.md", "AzureLLMInferenceTrace_LICENSE.txt", "BurstGPT_LICENSE.txt"):
+        assert (folder / name).is_file(), name

@@ -15,8 +15,8 @@ from morphlib.errors import one_line_errors
 def _layer_costs(args) -> None:
     from tqdm.auto import tqdm
 
-    from morphlib.corpus import make_windows
-    from morphlib.metrics import Reference, score
+    from morphlib.eval.corpus import make_windows
+    from morphlib.eval.metrics import Reference, score
     from morphlib.models import check_layers, load_model
     from morphlib.morph import QuantConfig, prepare_morphing
 
@@ -57,10 +57,10 @@ def _layer_costs(args) -> None:
 def _bench(args) -> None:
     import torch.utils.benchmark as tb
 
-    from morphlib.int4 import KERNEL_MAX_TOKENS, Int4Linear
-    from morphlib.models import _resolve_device
+    from morphlib.quant.int4 import KERNEL_MAX_TOKENS, Int4Linear
+    from morphlib.models import resolve_device
 
-    dev = _resolve_device(args.device)  # default: CUDA when available; 'cuda' without a GPU is a one-line error
+    dev = resolve_device(args.device)  # default: CUDA when available; 'cuda' without a GPU is a one-line error
     n, k = args.n, args.k
     lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
     q = Int4Linear.from_linear(lin, group_size=args.group_size)

@@ -25,33 +25,17 @@ from torch import nn
 
 from morphlib.assets import cache_dir, smollm2_gguf
 from morphlib.errors import MorphError
+from morphlib.shapes import shape_config
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
            "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}
 
-# Architectures for timing experiments (public configs; weights are random).
-SHAPES: dict[str, dict] = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                           rope_theta=10000.0, max_position_embeddings=2048),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       rope_theta=10000.0, max_position_embeddings=4096),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       rope_theta=500000.0, max_position_embeddings=8192),
-}
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MorphError("device 'cuda' was asked for but no CUDA GPU is available here")
@@ -127,7 +111,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16
 
     if name.startswith("shape:"):
         raise MorphError(f"{name!r} is a synthetic shape: use synthetic_model({name[6:]!r})")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     source, kwargs = resolve_model_source(name)
     t0 = time.perf_counter()
     verbosity = hf_logging.get_verbosity()
@@ -156,10 +140,8 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
     """A LlamaForCausalLM of a built-in shape with random N(0, 0.02) weights (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if shape not in SHAPES:
-        raise MorphError(f"unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}")
-    dev = _resolve_device(device)
-    cfg = dict(SHAPES[shape])
+    dev = resolve_device(device)
+    cfg = dict(shape_config(shape))
     if num_layers is not None:
         cfg["num_hidden_layers"] = num_layers
     config = LlamaConfig(**cfg)
@@ -222,29 +204,9 @@ def check_layers(model: nn.Module, layers) -> list[int]:
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     """Linear projections of one decoder layer, by dotted name (q/k/v/o_proj, gate/up/down_proj...)."""
-    from morphlib.int4 import Int4Linear
+    from morphlib.quant.int4 import Int4Linear
 
     found = {name: mod for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, Int4Linear))}
     if not found:
         raise MorphError(f"no linear layers found in {type(layer).__name__}")
     return found
-
-
-def layer_fp16_bytes(layer: nn.Module) -> int:
-    """Bytes of the 16-bit weights of the layer's linears (what a swap can free)."""
-    return sum(m.weight.numel() * 2 for m in layer_linears(layer).values() if isinstance(m, nn.Linear))
-
-
-def shape_layer_bytes(shape: str, group_size: int = 64) -> dict:
-    """FP16 and INT4 bytes of one decoder layer of a built-in shape, without building it."""
-    from morphlib.int4 import int4_nbytes
-
-    if shape not in SHAPES:
-        raise MorphError(f"unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}")
-    c = SHAPES[shape]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    mats = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (N, K) of q k v o gate up down
-    fp16 = sum(n * k * 2 for n, k in mats)
-    int4 = sum(int4_nbytes(n, k, group_size) for n, k in mats)
-    return {"shape": shape, "fp16_bytes": fp16, "int4_bytes": int4, "ratio": int4 / fp16}

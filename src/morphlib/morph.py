@@ -19,6 +19,7 @@ enqueued on that stream with ``non_blocking=True`` and the report carries an eve
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from morphlib.errors import MorphError
-from morphlib.int4 import Int4Linear, check_group_size
+from morphlib.quant.int4 import Int4Linear, check_group_size
 from morphlib.models import check_layers, decoder_layers, layer_linears
 
 
@@ -115,6 +116,9 @@ class Morpher:
             self._fp16_host.append(hosts)
             self._int4.append(twins)
             self._int4_host.append(twin_hosts)
+        self._bytes = [{"fp16": sum(h.numel() * h.element_size() for h in hosts.values()),
+                        "int4": sum(t.nbytes for t in twins.values())}
+                       for hosts, twins in zip(self._fp16_host, self._int4)]
 
     # ------------------------------------------------------------------ state
 
@@ -126,10 +130,13 @@ class Morpher:
         return [i for i, s in enumerate(self._state) if s == "int4"]
 
     def layer_bytes(self, layer: int) -> dict[str, int]:
+        """{"fp16", "int4"}: the layer's 16-bit weight bytes and its packed INT4 bytes (with scales)."""
         (layer,) = check_layers(self.model, [layer])
-        fp16 = sum(h.numel() * h.element_size() for h in self._fp16_host[layer].values())
-        int4 = sum(t.nbytes for t in self._int4[layer].values())
-        return {"fp16": fp16, "int4": int4}
+        return dict(self._bytes[layer])
+
+    def freed_bytes(self, layers) -> int:
+        """Device bytes that swapping ``layers`` to INT4 frees (16-bit bytes minus INT4 bytes)."""
+        return sum(self._bytes[i]["fp16"] - self._bytes[i]["int4"] for i in check_layers(self.model, layers))
 
     # ------------------------------------------------------------------ switching
 
@@ -147,10 +154,10 @@ class Morpher:
         before = self._measure() if stream is None else None
         fp16_bytes = int4_bytes = 0
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             for li in layers:
-                b = self.layer_bytes(li)
+                b = self._bytes[li]
                 fp16_bytes, int4_bytes = fp16_bytes + b["fp16"], int4_bytes + b["int4"]
                 if self._state[li] == to:
                     continue
@@ -217,14 +224,6 @@ class Morpher:
             self.set_int4(previous)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def prepare_morphing(model: nn.Module, config: QuantConfig = QuantConfig(), calibration: torch.Tensor | None = None,
                      progress: bool = True) -> Morpher:
     """Quantize every decoder layer once (AWQ needs ``calibration`` token ids [n, T]) and return a Morpher."""
@@ -244,7 +243,7 @@ def _cached_awq_scales(model, config: QuantConfig, calibration: torch.Tensor, pr
     import hashlib
 
     from morphlib.assets import cache_dir
-    from morphlib.awq import awq_scales
+    from morphlib.quant.awq import awq_scales
 
     name = getattr(model, "morphlib_name", None)
     path = None

@@ -29,14 +29,20 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int):
+def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int, with_hidden: bool = False):
+    """Per batch: (start, targets, next-token log-probs[, final hidden state after the last norm])."""
     if ids.numel() == 0 or ids.shape[-1] < 2:
         raise MorphError("nothing to score: need at least one window of at least 2 tokens")
     dev = _device(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(dev)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1)
+        if with_hidden:  # one pass gives both: the head applied to the final hidden state, as forward() does
+            hidden = model.get_decoder()(batch, use_cache=False).last_hidden_state
+            logits = model.get_output_embeddings()(hidden)[:, :-1].float()
+            yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1), hidden
+        else:
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -46,10 +52,6 @@ def window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> np.n
     for _, target, logp in _batches(model, ids, batch_size):
         out.append(-logp.gather(-1, target[..., None])[..., 0].mean(dim=1).cpu())
     return torch.cat(out).double().numpy()
-
-
-def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
-    return float(math.exp(window_nll(model, ids, batch_size).mean()))
 
 
 @dataclass
@@ -96,10 +98,15 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: nn.Module, reference: Reference, batch_size: int = 8) -> Scores:
-    """NLL, KL vs the reference and top-1 agreement of ``model`` (in its current morph state)."""
+def score(model: nn.Module, reference: Reference, batch_size: int = 8, hidden: list | None = None) -> Scores:
+    """NLL, KL vs the reference and top-1 agreement of ``model`` (in its current morph state).
+
+    ``hidden``: a list that receives each batch's final hidden state (after the last norm) from the
+    same forward passes, for measures that need both (chapter 1's MDS)."""
     nll, kl, top1 = [], [], []
-    for start, target, logp in _batches(model, reference.ids, batch_size):
+    for start, target, logp, *rest in _batches(model, reference.ids, batch_size, with_hidden=hidden is not None):
+        if hidden is not None:
+            hidden.append(rest[0])
         ref = reference.logp[start:start + logp.shape[0]].float()
         nll.append(-logp.gather(-1, target[..., None])[..., 0].mean(dim=1).cpu())
         kl.append((ref.exp() * (ref - logp)).sum(-1).mean(dim=1).cpu())

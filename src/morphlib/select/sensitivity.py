@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from morphlib.metrics import Reference
+from morphlib.eval.metrics import Reference, score
 from morphlib.models import decoder_layers
 from morphlib.morph import Morpher
 
@@ -48,7 +48,7 @@ def _layer_output(out):
 def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Last hidden state after the final norm, [B, T, H] (what the LM head reads)."""
     dev = next(model.parameters()).device
-    return model.model(ids.to(dev), use_cache=False).last_hidden_state
+    return model.get_decoder()(ids.to(dev), use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def layer_passes(model: nn.Module, morpher: Morpher, ids: torch.Tensor, batch_si
         handles = [layer.register_forward_hook(lambda m, a, k, o, li=li: hook(m, a, k, o, li), with_kwargs=True)
                    for li, layer in enumerate(layers)]
         try:
-            model.model(batch, use_cache=False)
+            model.get_decoder()(batch, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -109,10 +109,9 @@ def mds_given(model: nn.Module, morpher: Morpher, ids: torch.Tensor, swapped, ca
     """MDS_l|Q per window for each candidate l (Q = ``swapped``): {l: [W]}."""
     swapped = sorted(set(swapped))
     out = {}
-    if base is None:
-        with morpher.morphed(swapped):
+    with morpher.morphed(swapped):  # Q stays swapped: each candidate then toggles only its own layer
+        if base is None:
             base = torch.cat([final_hidden(model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)])
-    with morpher.morphed(swapped):  # keep Q swapped: each candidate then toggles only its own layer
         for li in tqdm(list(candidates), desc="MDS", disable=not progress, leave=False):
             with morpher.morphed(swapped + [li]):
                 vals = [_cos(base[s:s + batch_size], final_hidden(model, ids[s:s + batch_size]), skip_first)
@@ -124,18 +123,16 @@ def mds_given(model: nn.Module, morpher: Morpher, ids: torch.Tensor, swapped, ca
 @torch.no_grad()
 def single_layer_costs(model: nn.Module, morpher: Morpher, reference: Reference, batch_size: int = 8,
                        skip_first: bool = True, progress: bool = True) -> dict[str, np.ndarray]:
-    """Swap each layer alone: MDS [W, L], NLL increase [W, L], KL vs 16-bit [W, L]."""
-    from morphlib.metrics import score
-
+    """Swap each layer alone: MDS [W, L], NLL increase [W, L], KL vs 16-bit [W, L] (one pass per layer)."""
     n = morpher.num_layers
     ids = reference.ids
     base = torch.cat([final_hidden(model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)])
     mds, dnll, kl = [], [], []
     for li in tqdm(range(n), desc="single-layer swaps", disable=not progress, leave=False):
+        hidden: list[torch.Tensor] = []
         with morpher.morphed([li]):
-            vals = [_cos(base[s:s + batch_size], final_hidden(model, ids[s:s + batch_size]), skip_first)
-                    for s in range(0, len(ids), batch_size)]
-            sc = score(model, reference, batch_size)
+            sc = score(model, reference, batch_size, hidden=hidden)
+        vals = [_cos(base[s:s + batch_size], h, skip_first) for s, h in zip(range(0, len(ids), batch_size), hidden)]
         mds.append(torch.cat(vals).double().cpu().numpy())
         dnll.append(sc.nll - reference.nll)
         kl.append(sc.kl)

@@ -18,7 +18,7 @@ group. Three byte layouts, chosen by the device the weights live on:
 Kernel choice (automatic, per call): the fused INT4 kernel when the call has at most
 ``KERNEL_MAX_TOKENS[device]`` rows (decode, small batches: it reads 4x fewer weight bytes);
 otherwise dequantize the weight to bf16 once and run a dense GEMM (prefill, large batches, where
-tinygemm is up to 12x slower than bf16 GEMM on H200; ``python -m morphlib.bench`` measures the crossover).
+tinygemm is up to 12x slower than bf16 GEMM on H200; ``python -m morphlib bench`` measures the crossover).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morphlib.errors import MorphError
+from morphlib.shapes import int4_nbytes  # noqa: F401  (the byte accounting of this format)
 
 GROUP_SIZES = (32, 64, 128, 256)
 # Largest number of rows (tokens) for which the fused INT4 kernel is used instead of dequant+GEMM.
@@ -128,11 +129,6 @@ def unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
         q = nib.permute(0, 2, 1, 4, 6, 3, 5)  # nt, t4 | ko, j, i, tm, h
         return q.reshape(n, k).to(torch.uint8)
     raise MorphError(f"unknown INT4 layout {layout!r}")
-
-
-def int4_nbytes(n: int, k: int, group_size: int) -> int:
-    """Bytes of a packed [N, K] INT4 weight with bf16 (scale, zero) per group."""
-    return n * k // 2 + (k // group_size) * n * 2 * 2
 
 
 # ----------------------------------------------------------------------------- the layer

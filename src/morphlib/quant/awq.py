@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from morphlib.int4 import dequantize_groupwise, quantize_groupwise
+from morphlib.quant.int4 import dequantize_groupwise, quantize_groupwise
 from morphlib.models import decoder_layers, layer_linears
 
 

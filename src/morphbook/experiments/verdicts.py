@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from morphlib.stats import paired_comparison, pooled_win_rate
+from morphlib.eval.stats import paired_comparison, pooled_win_rate
 
 
 def paired_by_k(nll: dict[str, np.ndarray], ks: list[int], best_scattered: dict[int, str],

@@ -23,26 +23,20 @@ import numpy as np
 import pandas as pd
 
 from morphlib.errors import MorphError
-from morphlib.models import SHAPES, shape_layer_bytes
+from morphlib.shapes import shape_config, shape_layer_bytes
 
 GIB = 2**30
 
 
-def _shape(shape: str) -> dict:
-    if shape not in SHAPES:
-        raise MorphError(f"unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}")
-    return SHAPES[shape]
-
-
 def kv_bytes_per_token_layer(shape: str, dtype_bytes: int = 2) -> int:
-    c = _shape(shape)
+    c = shape_config(shape)
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     return 2 * c["num_key_value_heads"] * head_dim * dtype_bytes
 
 
 def kv_bytes_per_token(shape: str, dtype_bytes: int = 2) -> int:
     """KV bytes of one token over all layers."""
-    return kv_bytes_per_token_layer(shape, dtype_bytes) * _shape(shape)["num_hidden_layers"]
+    return kv_bytes_per_token_layer(shape, dtype_bytes) * shape_config(shape)["num_hidden_layers"]
 
 
 def kv_block_bytes(shape: str, block_size: int = 16, dtype_bytes: int = 2) -> int:
@@ -61,7 +55,7 @@ def kv_blocks_from_budget(shape: str, budget_bytes: float, block_size: int = 16,
 
 def weight_bytes(shape: str, swapped_layers: int = 0, group_size: int = 64) -> int:
     """16-bit bytes of the whole model (embeddings, head, norms, layers), ``swapped_layers`` of them INT4."""
-    c = _shape(shape)
+    c = shape_config(shape)
     n = c["num_hidden_layers"]
     if not 0 <= swapped_layers <= n:
         raise MorphError(f"cannot swap {swapped_layers} layers of {shape} ({n} layers)")

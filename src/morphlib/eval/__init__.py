@@ -1,0 +1,1 @@
+"""Evaluation: corpus windows (``corpus``), quality metrics (``metrics``), statistics (``stats``)."""

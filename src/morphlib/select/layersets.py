@@ -1,0 +1,38 @@
+"""Layer sets as plain index arithmetic: blocks, spreads and runs of adjacent layers."""
+
+from __future__ import annotations
+
+from morphlib.errors import MorphError
+
+
+def _check(num_layers: int, k: int) -> None:
+    if not 1 <= k <= num_layers:
+        raise MorphError(f"cannot pick {k} of {num_layers} layers")
+
+
+def middle_block(num_layers: int, k: int) -> list[int]:
+    """The contiguous block of ``k`` layers centred in the model."""
+    _check(num_layers, k)
+    start = (num_layers - k) // 2
+    return list(range(start, start + k))
+
+
+def spread(num_layers: int, k: int) -> list[int]:
+    """``k`` layers spread evenly over the depth (centre of each of k equal parts; none adjacent if k <= L/2)."""
+    _check(num_layers, k)
+    return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / k)) for i in range(k)})
+
+
+def runs(layers) -> list[tuple[int, int]]:
+    """Maximal runs of adjacent layer indices, as (first, last) pairs."""
+    out: list[tuple[int, int]] = []
+    for li in sorted(layers):
+        if out and li == out[-1][1] + 1:
+            out[-1] = (out[-1][0], li)
+        else:
+            out.append((li, li))
+    return out
+
+
+def is_contiguous(layers) -> bool:
+    return len(runs(layers)) <= 1

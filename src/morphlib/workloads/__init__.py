@@ -1,0 +1,1 @@
+"""Serving workloads: request traces (``traces``) and KV-cache capacity arithmetic (``kvcache``)."""
