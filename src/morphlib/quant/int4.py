@@ -131,6 +131,58 @@ def unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
     raise MorphError(f"unknown INT4 layout {layout!r}")
 
 
+def packed_specs(n: int, k: int, group_size: int, layout: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of an [N, K] INT4 weight's buffers in ``layout`` (``packed``, ``scale_zero``),
+    so that an engine can place them in memory it owns; their bytes sum to ``int4_nbytes``."""
+    check_group_size(k, group_size)
+    if layout == "plain":
+        packed = ((n, k // 2), torch.uint8)
+    elif layout == "cpu":
+        packed = ((n, k // 2), torch.uint8)
+    elif layout == "tinygemm":
+        t = _inner_k_tiles(k)
+        packed = ((n // 8, k // (16 * t), 32, t // 2), torch.int32)
+    else:
+        raise MorphError(f"unknown INT4 layout {layout!r}")
+    return {"packed": packed, "scale_zero": ((k // group_size, n, 2), torch.bfloat16)}
+
+
+def dequantize_packed(packed: torch.Tensor, scale_zero: torch.Tensor, *, n: int, k: int, group_size: int,
+                      layout: str, input_scale_inv: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The effective [N, K] weight of packed INT4 buffers (with an AWQ input scale folded back in)."""
+    q = unpack(packed, layout, n, k)
+    sz = scale_zero.to(dtype)
+    w = dequantize_groupwise(q, sz[..., 0].t(), sz[..., 1].t(), group_size, dtype)
+    if input_scale_inv is not None:
+        w = w * input_scale_inv.to(dtype)[None, :]
+    return w
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, *, n: int, k: int,
+                group_size: int, layout: str, input_scale_inv: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T for a bf16 [M, K] activation and a packed INT4 [N, K] weight; returns bf16 [M, N].
+
+    The kernel is chosen by the row count M and the device (module doc); buffers may be views into
+    memory the caller owns (a serving engine's arena)."""
+    rows = x.shape[0]
+    fused = ((layout == "tinygemm" and x.device.type == "cuda" and rows <= KERNEL_MAX_TOKENS["cuda"])
+             or (layout == "cpu" and x.device.type == "cpu" and rows <= KERNEL_MAX_TOKENS["cpu"]))
+    if fused:
+        if input_scale_inv is not None:
+            x = x * input_scale_inv
+        x = x.contiguous()
+        if layout == "tinygemm":
+            y = torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+        return y if bias is None else y + bias.to(y.dtype)
+    w = dequantize_packed(packed, scale_zero, n=n, k=k, group_size=group_size, layout=layout,
+                          input_scale_inv=input_scale_inv)
+    return F.linear(x, w, None if bias is None else bias.to(torch.bfloat16))
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -179,35 +231,16 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The effective [N, K] weight (with the AWQ input scale folded back in)."""
-        q = unpack(self.packed, self.layout, self.out_features, self.in_features)
-        sz = self.scale_zero.to(dtype)
-        w = dequantize_groupwise(q, sz[..., 0].t(), sz[..., 1].t(), self.group_size, dtype)
-        if self.input_scale_inv is not None:
-            w = w * self.input_scale_inv.to(dtype)[None, :]
-        return w
-
-    def _kernel_ok(self, rows: int, device: torch.device) -> bool:
-        if self.layout == "tinygemm":
-            return device.type == "cuda" and rows <= KERNEL_MAX_TOKENS["cuda"]
-        if self.layout == "cpu":
-            return device.type == "cpu" and rows <= KERNEL_MAX_TOKENS["cpu"]
-        return False
+        return dequantize_packed(self.packed, self.scale_zero, n=self.out_features, k=self.in_features,
+                                 group_size=self.group_size, layout=self.layout,
+                                 input_scale_inv=self.input_scale_inv, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self._kernel_ok(x2.shape[0], x2.device):
-            if self.input_scale_inv is not None:
-                x2 = x2 * self.input_scale_inv
-            x2 = x2.contiguous()
-            if self.layout == "tinygemm":
-                y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-        else:
-            y = F.linear(x2, self.dequantize(torch.bfloat16), None if self.bias is None else self.bias.to(torch.bfloat16))
+        y = int4_matmul(x2, self.packed, self.scale_zero, n=self.out_features, k=self.in_features,
+                        group_size=self.group_size, layout=self.layout, input_scale_inv=self.input_scale_inv,
+                        bias=self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
