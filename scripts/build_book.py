@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from morphlib.book import CHAPTERS, findings_markdown  # noqa: E402
-from morphlib.plotting import write_vega_bundle  # noqa: E402
+from morphbook.chapters import CHAPTERS  # noqa: E402
+from morphbook.publish.findings import findings_markdown  # noqa: E402
+from morphbook.publish.plotting import write_vega_bundle  # noqa: E402
 from run_chapters import kernel_env, results_root_for, run_all  # noqa: E402
 
 BUILD = ROOT / "_build"
@@ -75,7 +76,7 @@ def assemble(profile: str, notebooks_dir: Path) -> set[str]:
                 else "it was not executed (run without --skip-run)"
             print(f"warning: chapter {ch.name}: {why}; building a placeholder page", flush=True)
             dest.with_suffix(".md").write_text(placeholder(ch.title, ch.notebook, why))
-    findings = findings_markdown(ROOT / results_root_for(profile), ROOT / "results", present, root=ROOT)
+    findings = findings_markdown(ROOT / results_root_for(profile), ROOT / "results", present)
     gen = SRC / "book" / "_generated"
     gen.mkdir(parents=True, exist_ok=True)
     (gen / "findings.md").write_text(

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from morphlib.book import CHAPTERS, Chapter  # noqa: E402
+from morphbook.chapters import CHAPTERS, Chapter  # noqa: E402
 
 
 def results_root_for(profile: str) -> str:
@@ -47,17 +47,15 @@ def kernel_env(notebooks_dir: Path) -> None:
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if src not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([src, *parts])
-    if notebooks_dir.resolve() != (ROOT / "notebooks").resolve():
-        os.environ["MORPHBOOK_NOTEBOOKS"] = str(notebooks_dir.resolve())
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
 
-def to_notebook(src: Path, dest: Path) -> bool:
-    """jupytext .py -> .ipynb with the python3 kernel; True when a cell is tagged 'parameters'."""
+def to_notebook(src: Path, dest: Path, kernel: str = "python3") -> bool:
+    """jupytext .py -> .ipynb with the given kernel; True when a cell is tagged 'parameters'."""
     import jupytext
 
     nb = jupytext.read(src, fmt="py:percent")
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
     nb.metadata.setdefault("language_info", {"name": "python"})
     nb.metadata.pop("jupytext", None)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +90,10 @@ def run_chapter(ch: Chapter, src: Path, out_dir: Path, params: dict, timeout: fl
     output = out_dir / f"{stem}.ipynb"
     t0 = time.perf_counter()
     try:
-        if not to_notebook(src, staged):
+        if not to_notebook(src, staged, ch.kernel):
             print(f"  warning: {src.name} has no cell tagged 'parameters'", flush=True)
         pm.execute_notebook(
-            str(staged), str(output), parameters=params, kernel_name="python3", cwd=str(ROOT),
+            str(staged), str(output), parameters=params, kernel_name=ch.kernel, cwd=str(ROOT),
             progress_bar=False, log_output=False, execution_timeout=timeout,
         )
         status, error = "ok", None

@@ -84,6 +84,6 @@ def vega_bundle_js() -> str:
 
 def write_vega_bundle(path: str | os.PathLike) -> Path:
     """Write the bundle (a build artefact, gitignored). Returns the path."""
-    from morphlib.results import atomic_write_text
+    from morphbook.publish.files import atomic_write_text
 
     return atomic_write_text(Path(path), vega_bundle_js())

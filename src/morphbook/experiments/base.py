@@ -1,0 +1,66 @@
+"""What every experiment module shares: the result it returns and the profile/override rule of its config.
+
+``Config.for_profile(profile, **overrides)``: ``"cpu"`` = small sizes for CI, ``"gpu"`` = the book's
+published run; any field can be overridden by name (an unknown name is a one-line error listing the
+valid ones). ``run(cfg)`` returns a :class:`Result`; the publishing side (``morphbook.publish``)
+writes it with its provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from morphlib.errors import MorphError
+
+PROFILES = ("cpu", "gpu")
+
+
+@dataclass
+class Result:
+    params: dict  # everything that defines the run (the config, plus what the run resolved, e.g. the device)
+    headline: dict  # the key figures (scalars, or {"value", "unit", "label"} dicts, or small tables)
+    files: dict[str, Any] = field(default_factory=dict)  # detail files: name -> JSON-able / DataFrame / text
+    wall_s: float = 0.0  # the run's wall time
+
+
+def config_for_profile(cls, profile: str, defaults: dict[str, dict], overrides: dict):
+    """Build ``cls(profile=profile, **defaults[profile], **overrides)`` with one-line errors."""
+    if profile not in defaults:
+        raise MorphError(f"unknown profile {profile!r}: use {' or '.join(map(repr, defaults))}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise MorphError(f"unknown parameter(s) {', '.join(unknown)} for {cls.__module__.rsplit('.', 1)[-1]}; "
+                         f"valid: {', '.join(sorted(names - {'profile'}))}")
+    return cls(profile=profile, **{**defaults[profile], **overrides})
+
+
+def is_published(cfg) -> bool:
+    """True when ``cfg`` is exactly its profile's defaults (no overrides): the book's own configuration."""
+    return cfg == type(cfg).for_profile(cfg.profile)
+
+
+def as_params(cfg, **resolved) -> dict:
+    """The config as a plain dict (recorded in the provenance), plus values the run resolved."""
+    return {**dataclasses.asdict(cfg), **resolved}
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...``; ``sw.seconds``; ``sw.lap(name)`` records phase times."""
+
+    def __enter__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        return self
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False
