@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch, transformers, morphlib, jupyter_book, papermill, altair" \
+  .venv/bin/python -c "import torch, transformers, morphlib, morphbook, jupyter_book, papermill, altair" \
     || { echo "setup: the environment is incomplete (see pip's messages above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -10,8 +10,8 @@ bash scripts/setup.sh --browser
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "== pytest"
 .venv/bin/python -m pytest -q
-echo "== stale-results check"
-.venv/bin/python -m morphlib.stale --results results
+echo "== stale-results check (MODIFIED or missing results fail; STALE is printed, and shown in red on its page)"
+.venv/bin/python -m morphbook.publish.stale --results results
 echo "== chapters (papermill, cpu profile) and book build (-W)"
 .venv/bin/python scripts/build_book.py --profile cpu
 echo "== browser check"

@@ -41,3 +41,13 @@ def rtn_morpher(model):
     from morphlib.morph import QuantConfig, prepare_morphing
 
     return prepare_morphing(model, QuantConfig(group_size=64, method="rtn"), progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is (the GPU machine: ``pytest -m gpu``); CI skips them, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -83,7 +83,7 @@ def test_bad_layer_indices_are_one_line_errors(rtn_morpher, bad, match):
     assert rtn_morpher.int4_layers() == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_swap_frees_device_memory_and_restores_exactly():
     from morphlib.models import synthetic_model
     from morphlib.morph import QuantConfig, prepare_morphing

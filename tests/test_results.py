@@ -12,18 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morphlib import results
-from morphlib.book import (CHAPTERS, findings_markdown, format_value, provenance_banner, shown_results)
+from morphbook.chapters import CHAPTERS
+from morphbook.experiments.base import Result
+from morphbook.publish import page, store
+from morphbook.publish.files import atomic_write_json, atomic_write_text
+from morphbook.publish.findings import findings_markdown, format_value, table_entries
+from morphbook.publish.provenance import gpu_kind, provenance
+from morphbook.publish.store import load_summary
 from morphlib.errors import MorphError
-from morphlib.results import (atomic_write_json, atomic_write_text, gpu_kind, load_summary, provenance,
-                              save_summary)
 
-PARAMS = {"profile": "cpu", "model": "smollm2-135m", "seed": 0, "results_root": "x"}
+PARAMS = {"profile": "cpu", "model": "smollm2-135m", "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def no_notebook_override(monkeypatch):
-    monkeypatch.delenv("MORPHBOOK_NOTEBOOKS", raising=False)
+def save_summary(chapter, params, headline, root, extra_files=None, wall_s=1.0):
+    return store.save_result(chapter, Result(params, headline, extra_files or {}, wall_s), root)
 
 
 def test_atomic_json_sorted_nan_numpy(tmp_path):
@@ -61,12 +63,12 @@ def test_gpu_kind():
 
 
 def test_provenance_fields_and_no_hostname():
-    prov = provenance("strategies", PARAMS)
-    for key in ("code_hash", "git", "device", "gpu", "versions", "params", "profile", "date", "chapter"):
+    prov = provenance("strategies", PARAMS, 12.34)
+    for key in ("code_hash", "git", "device", "gpu", "versions", "params", "profile", "date", "chapter", "wall_s"):
         assert key in prov
-    assert prov["profile"] == "cpu" and prov["params"] == PARAMS
+    assert prov["profile"] == "cpu" and prov["params"] == PARAMS and prov["wall_s"] == 12.3
     assert set(prov["git"]) == {"commit", "dirty"}
-    assert set(prov["versions"]) >= {"python", "torch", "transformers", "morphlib"}
+    assert set(prov["versions"]) >= {"python", "torch", "transformers"}
     assert prov["date"].endswith("Z")
     host = socket.gethostname()
     if len(host) >= 6:
@@ -80,15 +82,15 @@ def test_provenance_fields_and_no_hostname():
 ])
 def test_bad_input_is_one_line_error(chapter, params, match):
     with pytest.raises(MorphError, match=match):
-        provenance(chapter, params)
+        provenance(chapter, params, 1.0)
 
 
 def test_save_summary_writes_extras_then_summary(tmp_path, monkeypatch):
     order = []
-    real = results.write_result_file
-    real_json = results.atomic_write_json
-    monkeypatch.setattr(results, "write_result_file", lambda p, o: (order.append(Path(p).name), real(p, o))[1])
-    monkeypatch.setattr(results, "atomic_write_json", lambda p, o: (order.append(Path(p).name), real_json(p, o))[1])
+    real = store.write_result_file
+    real_json = store.atomic_write_json
+    monkeypatch.setattr(store, "write_result_file", lambda p, o: (order.append(Path(p).name), real(p, o))[1])
+    monkeypatch.setattr(store, "atomic_write_json", lambda p, o: (order.append(Path(p).name), real_json(p, o))[1])
     df = pd.DataFrame({"layer": [0, 1], "ppl": [1.0, math.nan]})
     path = save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={"t.json": df, "notes.md": "hi"})
     assert order[-1] == "summary.json" and set(order[:-1]) >= {"t.json", "notes.md"}
@@ -103,7 +105,7 @@ def test_failed_extra_file_means_no_summary(tmp_path):
         save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={"a.csv": [1, 2]})
     assert load_summary("burst", tmp_path) is None
     for bad in ("../x.json", "/abs.json", "summary.json", "a b.json"):
-        with pytest.raises(MorphError, match="bad extra file name"):
+        with pytest.raises(MorphError, match="bad detail file name"):
             save_summary("burst", PARAMS, {"p95": 1.5}, tmp_path, extra_files={bad: {}})
     with pytest.raises(MorphError, match="headline"):
         save_summary("burst", PARAMS, {}, tmp_path)
@@ -117,36 +119,61 @@ def test_load_summary_missing_and_corrupt(tmp_path):
         load_summary("vllm", tmp_path)
 
 
-def test_shown_results_prefers_committed(tmp_path):
+class FakeConfig:
+    """A config whose profile defaults are known: published = no overrides (like Config.for_profile)."""
+
+    def __init__(self, profile, model="smollm2-135m"):
+        self.profile, self.model = profile, model
+
+    def __eq__(self, other):
+        return (self.profile, self.model) == (other.profile, other.model)
+
+    @classmethod
+    def for_profile(cls, profile):
+        return cls(profile)
+
+
+def test_page_shows_committed_only_for_the_published_configuration(tmp_path):
     committed, fresh = tmp_path / "results", tmp_path / "fresh"
     save_summary("burst", PARAMS, {"v": 1}, fresh)
-    summary, root, label = shown_results("burst", fresh, committed)
-    assert (summary["headline"], root, label) == ({"v": 1}, fresh, "fresh")
+    shown = page.pick("burst", FakeConfig("cpu"), fresh, committed)
+    assert (shown.summary["headline"], shown.root, shown.committed) == ({"v": 1}, fresh, False)
     save_summary("burst", {**PARAMS, "profile": "gpu"}, {"v": 2}, committed)
-    summary, root, label = shown_results("burst", fresh, committed)
-    assert (summary["headline"], root, label) == ({"v": 2}, committed, "committed")
+    shown = page.pick("burst", FakeConfig("cpu"), fresh, committed)
+    assert (shown.summary["headline"], shown.root, shown.committed) == ({"v": 2}, committed, True)
+    # a reader's own model: the page shows the reader's numbers, labelled as this run's
+    own = page.pick("burst", FakeConfig("cpu", model="my/model"), fresh, committed)
+    assert (own.summary["headline"], own.committed) == ({"v": 1}, False)
+    assert "**this run's results**" in page.banner(own)
     # a run that writes the committed results shows its own
-    summary, root, label = shown_results("burst", committed, committed)
-    assert (summary["headline"], label) == ({"v": 2}, "fresh")
+    shown = page.pick("burst", FakeConfig("gpu"), committed, committed)
+    assert shown.summary["headline"] == {"v": 2} and shown.committed
     with pytest.raises(MorphError, match="no results"):
-        shown_results("vllm", fresh, committed)
+        page.pick("vllm", FakeConfig("cpu"), fresh, committed)
 
 
-def _summary(profile, device, commit="abcdef123456", dirty=False):
-    return {"headline": {}, "provenance": {"profile": profile, "device": device, "date": "2026-11-28T10:00:00Z",
-                                           "git": {"commit": commit, "dirty": dirty}}}
+def _shown(root, profile, device, edit=None):
+    save_summary("strategies", {**PARAMS, "profile": profile}, {"v": 1}, root, extra_files={"r.json": [1]})
+    path = root / "strategies" / "summary.json"
+    data = json.loads(path.read_text())
+    data["provenance"].update(device=device, git={"commit": "abcdef123456", "dirty": profile == "cpu"})
+    if edit == "stale":
+        data["provenance"]["code_hash"] = "0" * 64
+    path.write_text(json.dumps(data))
+    if edit == "modified":
+        (root / "strategies" / "r.json").write_text("[2]")
+    return page.pick("strategies", FakeConfig(profile), root, root)
 
 
-def test_provenance_banner_kinds():
-    gpu = provenance_banner(_summary("gpu", "NVIDIA H100 80GB HBM3"), stale=False, path="results/strategies/summary.json")
-    assert gpu.startswith("```{note}")
-    assert "**GPU profile, NVIDIA H100 80GB HBM3**, 2026-11-28, commit abcdef1 (results/strategies/summary.json)" in gpu
-    cpu = provenance_banner(_summary("cpu", "cpu", dirty=True), stale=False)
+def test_banner_kinds(tmp_path):
+    gpu = page.banner(_shown(tmp_path / "a", "gpu", "NVIDIA H100 80GB HBM3"))
+    assert gpu.startswith("```{note}") and "**GPU profile, NVIDIA H100 80GB HBM3**" in gpu and "commit abcdef1" in gpu
+    cpu = page.banner(_shown(tmp_path / "b", "cpu", "cpu"))
     assert cpu.startswith("```{warning}") and "**CPU profile** (small parameters, for CI)" in cpu and "abcdef1+dirty" in cpu
-    old = provenance_banner(_summary("gpu", "NVIDIA H200"), stale=True)
-    assert old.startswith("```{danger}") and "Stale" in old
-    edited = provenance_banner(_summary("gpu", "NVIDIA H200"), stale=False, changed=["records.json"])
-    assert edited.startswith("```{danger}") and "**Modified results**: records.json" in edited
+    old = page.banner(_shown(tmp_path / "c", "gpu", "NVIDIA H200", edit="stale"))
+    assert old.startswith("```{danger}") and "**Stale results**" in old and "**commit abcdef1**" in old
+    edited = page.banner(_shown(tmp_path / "d", "gpu", "NVIDIA H200", edit="modified"))
+    assert edited.startswith("```{danger}") and "**Modified results**" in edited and "r.json" in edited
 
 
 def test_format_value():
@@ -158,13 +185,10 @@ def test_format_value():
     assert format_value({"value": 2, "unit": " GB/s"}) == "2 GB/s"
 
 
-def test_table_entries_skip_nested_and_honour_finding_flag():
-    from morphlib.book import table_entries
-
+def test_table_entries_skip_nested_tables():
     head = {"a": 1, "per_k": {"1": 0.5, "2": 0.7}, "b": {"value": 2}}
     assert list(table_entries(head)) == ["a", "b"]
-    head["c"] = {"value": 3, "finding": True}
-    assert list(table_entries(head)) == ["c"]
+    assert list(table_entries({"ceiling_gbps": 1, "zzz": 2}, "transfer")) == ["ceiling_gbps"]
 
 
 def test_findings_table(tmp_path):
@@ -175,9 +199,7 @@ def test_findings_table(tmp_path):
     prov["provenance"]["code_hash"] = "0" * 64  # pretend the code changed since
     prov["provenance"]["gpu"] = "H100"
     (committed / "burst" / "summary.json").write_text(json.dumps(prov))
-    (tmp_path / "notebooks").mkdir()
-    (tmp_path / "notebooks" / "05_burst.py").write_text("# %%\nx = 1\n")
-    md = findings_markdown(fresh, committed, present={"sensitivity", "burst"}, root=tmp_path)
+    md = findings_markdown(fresh, committed, present={"sensitivity", "burst"})
     rows = md.strip().splitlines()
     assert rows[0] == "| chapter | figure | value | source |"
     assert len(rows) == 2 + 2 + 1 + len(CHAPTERS) - 2
@@ -192,7 +214,7 @@ def test_vega_bundle_sets_altair_versions():
     pytest.importorskip("vl_convert")
     import altair as alt
 
-    from morphlib.plotting import setup_altair, vega_bundle_js
+    from morphbook.publish.plotting import setup_altair, vega_bundle_js
 
     js = vega_bundle_js()
     assert js.splitlines()[1] == "(function () {"

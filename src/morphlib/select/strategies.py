@@ -69,13 +69,14 @@ def random_sets(num_layers: int, ks, n_random: int, seed: int = 0) -> dict[int, 
 class Selector:
     """Chooses layer sets from calibration data (``calib``: a Reference over calibration windows)."""
 
-    def __init__(self, model, morpher: Morpher, calib: Reference, lts: np.ndarray, lrs: np.ndarray,
-                 angular: np.ndarray, mds0: dict[int, np.ndarray], batch_size: int = 8, progress: bool = True):
+    def __init__(self, model, morpher: Morpher, calib: Reference, lts: np.ndarray | None = None,
+                 lrs: np.ndarray | None = None, angular: np.ndarray | None = None,
+                 mds0: dict[int, np.ndarray] | None = None, batch_size: int = 8, progress: bool = True):
         """``lts``, ``lrs``: per-layer means; ``angular``: [L+1, L+1] mean angular distances; ``mds0``:
-        {layer: per-window MDS with nothing else swapped} (greedy LIS's first step, static LIS)."""
+        {layer: per-window MDS with nothing else swapped} (greedy LIS's first step, static LIS). The
+        loss-based strategies (block, greedy dPPL) need none of them."""
         self.model, self.morpher, self.calib = model, morpher, calib
-        self.lts, self.lrs, self.angular = np.asarray(lts), np.asarray(lrs), np.asarray(angular)
-        self.mds0 = mds0
+        self.lts, self.lrs, self.angular, self.mds0 = lts, lrs, angular, mds0
         self.n = morpher.num_layers
         self.batch_size, self.progress = batch_size, progress
         self._nll: dict[frozenset, float] = {}

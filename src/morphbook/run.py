@@ -1,0 +1,77 @@
+"""Run chapters' experiments without notebooks and save their results: how the published GPU numbers are made.
+
+    python -m morphbook.run --profile gpu                                   # every chapter and benchmark
+    python -m morphbook.run --profile gpu --only sensitivity,strategies     # a subset, in book order
+    python -m morphbook.run --profile cpu --results _build/results-cpu --only burst
+
+Each experiment runs with its profile's published configuration (``Config.for_profile(profile)``) and
+writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``). A failing experiment is
+reported in one line and the others still run; the exit status is 1 if any failed. ``--deadline S``
+skips experiments that would start after S seconds (a GPU call has a hard time limit; an experiment
+writes its summary.json last, so one cut off leaves no half-written results). The notebooks then
+render these results; CI re-executes the notebooks on the CPU profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+
+from morphbook.chapters import ALL, chapter
+from morphbook.publish.store import save_result
+from morphlib.errors import MorphError
+
+
+def run_one(name: str, profile: str, results_root: str) -> float:
+    """Run one experiment on ``profile`` and save it; returns its wall time."""
+    module = importlib.import_module(chapter(name).experiment)
+    cfg = module.Config.for_profile(profile)
+    result = module.run(cfg)
+    path = save_result(name, result, results_root)
+    print(f"  saved {path} ({result.wall_s:.1f} s)", flush=True)
+    return result.wall_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m morphbook.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", choices=["cpu", "gpu"], default="gpu", help="configuration profile (default: gpu)")
+    ap.add_argument("--results", default="results", help="results root (default: results, the committed ones)")
+    ap.add_argument("--only", default=None, help="comma-separated experiments (default: all, in book order): "
+                                                 + ", ".join(c.name for c in ALL))
+    ap.add_argument("--deadline", type=float, default=None, help="start no experiment after this many seconds")
+    args = ap.parse_args(argv)
+    names = [c.name for c in ALL]
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            print(f"error: unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(names)}", file=sys.stderr)
+            return 2
+        names = [n for n in names if n in wanted]
+    t0 = time.perf_counter()
+    failed = []
+    for name in names:
+        elapsed = time.perf_counter() - t0
+        if args.deadline is not None and elapsed > args.deadline:
+            print(f"[{name}] skipped: deadline of {args.deadline:.0f} s passed ({elapsed:.0f} s)", flush=True)
+            failed.append(name)
+            continue
+        print(f"[{name}] {args.profile} profile ...", flush=True)
+        try:
+            run_one(name, args.profile, args.results)
+        except MorphError as exc:
+            print(f"[{name}] error: {exc}", flush=True)
+            failed.append(name)
+        except Exception:  # noqa: BLE001 - report and go on with the next experiment
+            print(f"[{name}] failed:\n{traceback.format_exc()}", flush=True)
+            failed.append(name)
+    print(f"done in {time.perf_counter() - t0:.0f} s; {len(names) - len(failed)} ok"
+          + (f", failed or skipped: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
