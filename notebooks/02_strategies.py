@@ -61,15 +61,12 @@ ks = None                 # None: the profile's swap counts; or e.g. [2, 4, 8]
 # `morphlib.select.strategies`; the banner says whose numbers the figures show.
 
 # %%
-from morphbook.experiments.strategies import Config, run
+from morphbook.experiments import domains, strategies
 from morphbook.publish.notebook import given, run_chapter, setup
 
 setup()
-overrides = given(model=model, texts=texts, ks=ks)
-if texts is not None:  # the per-domain checks need the book's own corpus
-    overrides.update(extra_heldout=(), cross_calibration=())
-cfg = Config.for_profile(profile, **overrides)
-shown = run_chapter("strategies", run, cfg, results_root)
+cfg = strategies.Config.for_profile(profile, **given(model=model, texts=texts, ks=ks))
+shown = run_chapter("strategies", strategies.run, cfg, results_root)
 
 # %% tags=["hide-input"]
 import altair as alt
@@ -155,13 +152,22 @@ alt.Chart(sp).mark_bar().encode(x=alt.X("value:Q", title=None), y=alt.Y("count:N
 # windows alone, including 2002 mailing-list email, far from both calibration and the primary
 # held-out texts (0.5 = no difference; 95 % CI resamples whole windows).
 
+# %%
+if texts is None and model is None:  # the per-domain checks run on the book's own corpus and chapter 2's sets
+    dcfg = domains.Config.for_profile(profile)
+    shown_d = run_chapter("domains", lambda c: domains.run(c, results_root=results_root), dcfg, results_root)
+    HD = shown_d.headline
+else:
+    HD = {}
+    print("The per-domain checks need the book's corpus and model: skipped for this run.")
+
 # %% tags=["hide-input"]
-by_dom = {role: H.get(f"heldout_win_rate_block_vs_{key}_by_domain") for role, key in
+by_dom = {role: HD.get(f"heldout_win_rate_block_vs_{key}_by_domain") for role, key in
           (("greedy LIS", "greedy_lis"), ("best scattered", "best_scattered"))}
 if by_dom["greedy LIS"] is None:
     print("These results hold no per-domain comparison (made before it existed, or turned off).")
 else:
-    ppl16 = H.get("heldout_ppl_16bit_by_domain", {})
+    ppl16 = HD.get("heldout_ppl_16bit_by_domain", {})
     D = pd.DataFrame([{"domain": dom, "versus": role, "win_rate": v["win_rate"], "lo": v["ci95"][0], "hi": v["ci95"][1],
                        "p": v["sign_test_p"], "windows": v["windows"], "ppl16": ppl16.get(dom)}
                       for role, rows in by_dom.items() for dom, v in rows.items()])
@@ -184,7 +190,7 @@ else:
 # rate over greedy ΔPPL: a strategy fitted to its calibration text should do best on the diagonal.
 
 # %% tags=["hide-input"]
-cross = H.get("cross_calibration_win_rate_block_vs_greedy_dppl")
+cross = HD.get("cross_calibration_win_rate_block_vs_greedy_dppl")
 if cross is None:
     print("These results hold no cross-calibration matrix (made before it existed, or turned off).")
 else:
@@ -211,5 +217,5 @@ for claim, key in (("'contiguous >= LIS'", "verdict_contiguous_vs_lis"),
                    ("'contiguous >= best scattered'", "verdict_contiguous_vs_best_scattered"),
                    ("'middle layers are safest'", "verdict_middle_layers_safest")):
     print(f"{claim} (primary held-out set): {H[key]}")
-    for dom, text in H.get(f"{key}_by_domain", {}).items():
+    for dom, text in HD.get(f"{key}_by_domain", {}).items():
         print(f"    on {dom} alone: {text}")

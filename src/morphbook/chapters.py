@@ -39,7 +39,10 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("vllm", 6, "Swapping inside vLLM", "notebooks/06_vllm.py", "morphbook.experiments.vllm", "cpu",
             kernel="morphbook-vllm"),
 )
+# Experiments without a page of their own (their numbers appear on a chapter's page, or in results/ only).
 BENCHMARKS: tuple[Chapter, ...] = (
+    Chapter("domains", None, "Chapter 2 across domains (shown on chapter 2's page)", None,
+            "morphbook.experiments.domains", "cpu or gpu"),
     Chapter("kernels", None, "INT4 linear kernels", None, "morphbook.experiments.kernels", "gpu"),
     Chapter("engine", None, "Serving engine", None, "morphbook.experiments.engine", "gpu"),
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 import traceback
@@ -29,7 +30,9 @@ def run_one(name: str, profile: str, results_root: str) -> float:
     """Run one experiment on ``profile`` and save it; returns its wall time."""
     module = importlib.import_module(chapter(name).experiment)
     cfg = module.Config.for_profile(profile)
-    result = module.run(cfg)
+    # an experiment that builds on another's results (e.g. domains on chapter 2's) reads them from results_root
+    takes_root = "results_root" in inspect.signature(module.run).parameters
+    result = module.run(cfg, results_root=results_root) if takes_root else module.run(cfg)
     path = save_result(name, result, results_root)
     print(f"  saved {path} ({result.wall_s:.1f} s)", flush=True)
     return result.wall_s

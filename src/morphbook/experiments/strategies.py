@@ -2,13 +2,8 @@
 
 The primary protocol (the chapter's headline): sets chosen on State of the Union addresses 1790–1999,
 scored on *Moby-Dick* and addresses 2001–2021 with paired bootstrap statistics, plus the seed project's
-protocol reproduced. Then two checks of whether the verdicts travel:
-
-* **per domain** — every comparison repeated on each held-out domain separately, including a third
-  domain far from both (2002 mailing-list email, ``email-2002``);
-* **cross-calibration** — the loss-fitted strategies (the calibrated block and the greedy ΔPPL set)
-  re-chosen on calibration windows of each domain (held-out documents excluded) and scored on every
-  held-out domain: how much of a strategy's edge is fit to its calibration text.
+protocol reproduced. Whether the verdicts travel to other domains is ``morphbook.experiments.domains``
+(it reads this experiment's sets).
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ import torch
 from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
 from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous, verdict_middle
 from morphlib.errors import MorphError
-from morphlib.eval.corpus import domain_windows, make_windows
+from morphlib.eval.corpus import make_windows
 from morphlib.eval.metrics import Reference, greedy_tokens
 from morphlib.eval.stats import bootstrap_ci
 from morphlib.models import load_model, num_layers
@@ -29,13 +24,12 @@ from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.select.sensitivity import layer_passes, mds_given
 from morphlib.select.strategies import HeldoutScorer, Selector, evaluate_sets, seed_protocol
 
-PRIMARY_CALIBRATION = "sotu-1790-1999"
 DEFAULTS = {
     "gpu": dict(ks=(2, 4, 6, 8, 10, 12, 16, 20, 24), seed_protocol_ks=(2, 4, 8, 11), n_random=20, calib_windows=16,
                 heldout_windows=64, window_len=512, prompts=16, prompt_len=32, new_tokens=32, awq_tokens=4096,
-                awq_grid=20, extra_heldout_windows=32),
+                awq_grid=20),
     "cpu": dict(ks=(2, 4), seed_protocol_ks=(2,), n_random=3, calib_windows=4, heldout_windows=6, window_len=128,
-                prompts=2, prompt_len=16, new_tokens=8, awq_tokens=512, awq_grid=10, extra_heldout_windows=4),
+                prompts=2, prompt_len=16, new_tokens=8, awq_tokens=512, awq_grid=10),
 }
 
 
@@ -75,48 +69,21 @@ class Config:
     awq_tokens: int = 4096
     awq_grid: int = 20
     skip_first_token: bool = True
-    extra_heldout: tuple[str, ...] = ("email-2002",)  # held-out domains beyond the primary two
-    extra_heldout_windows: int = 32  # windows per extra held-out domain
-    cross_calibration: tuple[str, ...] = ("sotu-1790-1999", "moby-dick", "email-2002")  # () turns it off
 
     def __post_init__(self):
         object.__setattr__(self, "ks", _ints(self.ks, "ks"))
         object.__setattr__(self, "seed_protocol_ks", _ints(self.seed_protocol_ks, "seed_protocol_ks"))
-        object.__setattr__(self, "extra_heldout", tuple(self.extra_heldout))
-        object.__setattr__(self, "cross_calibration", tuple(self.cross_calibration))
         for name in ("n_random", "calib_windows", "heldout_windows", "window_len", "batch_size", "n_boot", "prompts",
-                     "prompt_len", "new_tokens", "awq_tokens", "awq_grid", "extra_heldout_windows"):
+                     "prompt_len", "new_tokens", "awq_tokens", "awq_grid"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise MorphError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.prompt_len >= self.window_len:
             raise MorphError(f"prompt_len ({self.prompt_len}) must be shorter than window_len ({self.window_len})")
-        if (self.extra_heldout or self.cross_calibration) and self.texts != "default":
-            raise MorphError("the per-domain checks (extra_heldout, cross_calibration) need the default corpus: "
-                             "pass extra_heldout=() and cross_calibration=() with your own texts")
         QuantConfig(group_size=self.group_size, method=self.quant_method)
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "Config":
         return config_for_profile(cls, profile, DEFAULTS, overrides)
-
-
-def _per_domain(nll: dict[str, np.ndarray], domains: list[str], ks, best_scattered, n_boot, seed) -> dict:
-    """The block's pooled win rates vs greedy LIS and vs best scattered, on each domain's windows alone."""
-    out = {}
-    labels = np.asarray(domains)
-    for dom in dict.fromkeys(domains):
-        idx = np.flatnonzero(labels == dom)
-        sub = {key: v[idx] for key, v in nll.items() if len(v) == len(labels)}
-        out[dom] = {"windows": int(len(idx)),
-                    "vs_greedy_lis": pooled(sub, ks, "greedy_lis", n_boot, seed),
-                    "vs_best_scattered": pooled(sub, ks, best_scattered, n_boot, seed),
-                    "per_k": paired_by_k(sub, ks, best_scattered, n_boot, seed)}
-    return out
-
-
-def _verdict_by_domain(by_domain: dict, versus: str) -> dict:
-    key = "vs_greedy_lis" if versus == "greedy LIS" else "vs_best_scattered"
-    return {dom: verdict_contiguous(v[key], v["per_k"], versus) for dom, v in by_domain.items()}
 
 
 def run(cfg: Config) -> Result:
@@ -161,26 +128,6 @@ def run(cfg: Config) -> Result:
         sw.lap("seed_protocol")
         middle = verdict_middle(records, ks, n_layers, sets["block"])
 
-        # ---- do the verdicts travel? per held-out domain, a far domain, cross-calibration
-        domains, extra, heldout_docs = list(held.domain), [], set(held.doc)
-        for dom in cfg.extra_heldout:
-            win = domain_windows(tok, dom, cfg.extra_heldout_windows, cfg.window_len, seed=cfg.seed, role="heldout")
-            extra.append(HeldoutScorer(lm, morpher, Reference.compute(lm, win.ids, cfg.batch_size), prompts[:0],
-                                       torch.empty(0, 0, dtype=torch.long), cfg.batch_size))
-            domains += [dom] * len(win)
-            heldout_docs |= set(win.doc)
-
-        def all_nll(layers) -> np.ndarray:  # per-window held-out NLL on every domain, primary windows first
-            return np.concatenate([scorer.nll(layers)] + [s.nll(layers) for s in extra])
-
-        domain_nll = {f"{name}/{k}": all_nll(by_k[k]) for name, by_k in eval_sets.items() if name != "random"
-                      for k in ks}
-        by_domain = _per_domain(domain_nll, domains, ks, best_scattered, cfg.n_boot, cfg.seed)
-        sw.lap("extra_domains")
-        cross = _cross_calibration(cfg, lm, tok, morpher, heldout_docs, ks, sets, domains, all_nll) \
-            if cfg.cross_calibration else None
-        sw.lap("cross_calibration")
-
     verdicts = {"contiguous_vs_lis": verdict_contiguous(pool_lis, rows, "greedy LIS"),
                 "contiguous_vs_best_scattered": verdict_contiguous(pool_scat, rows, "best scattered"),
                 "middle_layers_safest": middle["verdict"]}
@@ -194,9 +141,6 @@ def run(cfg: Config) -> Result:
                       "block_vs_lis_effect_pct_ci95": effect_ci(k, "greedy LIS"),
                       "block_vs_best_scattered_effect_pct_ci95": effect_ci(k, "best scattered")}
              for k in ks}
-    domain_rate = lambda key: {dom: {"win_rate": v[key]["win_rate"], "ci95": v[key]["ci95"],  # noqa: E731
-                                     "sign_test_p": v[key]["sign_test_p"], "windows": v["windows"]}
-                               for dom, v in by_domain.items()}
     headline = {
         "heldout_ppl_16bit": held_ref.ppl,
         "heldout_win_rate_block_vs_greedy_lis": pool_lis["win_rate"], "ci95": pool_lis["ci95"],
@@ -209,52 +153,16 @@ def run(cfg: Config) -> Result:
         "verdict_contiguous_vs_best_scattered": verdicts["contiguous_vs_best_scattered"],
         "verdict_middle_layers_safest": verdicts["middle_layers_safest"],
         "per_k": per_k,
-        "heldout_win_rate_block_vs_greedy_lis_by_domain": domain_rate("vs_greedy_lis"),
-        "heldout_win_rate_block_vs_best_scattered_by_domain": domain_rate("vs_best_scattered"),
-        "verdict_contiguous_vs_lis_by_domain": _verdict_by_domain(by_domain, "greedy LIS"),
-        "verdict_contiguous_vs_best_scattered_by_domain": _verdict_by_domain(by_domain, "best scattered"),
-        "heldout_ppl_16bit_by_domain": {
-            **{dom: float(np.exp(held_ref.nll[np.asarray(held.domain) == dom].mean())) for dom in dict.fromkeys(held.domain)},
-            **{dom: s.ref.ppl for dom, s in zip(cfg.extra_heldout, extra)}},
+        "heldout_ppl_16bit_by_domain": {dom: float(np.exp(held_ref.nll[np.asarray(held.domain) == dom].mean()))
+                                        for dom in dict.fromkeys(held.domain)},
         "phase_seconds": sw.phases,
     }
-    if cross is not None:
-        headline["cross_calibration_win_rate_block_vs_greedy_dppl"] = {
-            c: {d: cell["win_rate"] for d, cell in row.items()} for c, row in cross["matrix"].items()}
     files = {"sets.json": {name: {str(k): v for k, v in by_k.items()} for name, by_k in sets.items()},
              "records.json": records, "paired.json": rows,
              "pooled.json": {"greedy_lis": pool_lis, "best_scattered": pool_scat},
              "seed_protocol.json": seedp, "window_nll.json": {k: v.tolist() for k, v in nll.items()},
              "selection_log.json": selector.log, "middle.json": middle,
-             "domains.json": {"windows": domains, "by_domain": by_domain,
-                              "nll": {k: v.tolist() for k, v in domain_nll.items()}}}
-    if cross is not None:
-        files["cross_calibration.json"] = cross
+             "windows.json": {"doc": held.doc, "domain": held.domain}}
     params = as_params(cfg, ks=ks, seed_protocol_ks=seed_ks, dropped_ks=dropped,
-                       device=str(next(lm.parameters()).device), primary_calibration=PRIMARY_CALIBRATION)
+                       device=str(next(lm.parameters()).device))
     return Result(params, headline, files, sw.seconds)
-
-
-def _cross_calibration(cfg: Config, lm, tok, morpher, heldout_docs: set, ks, sets: dict,
-                       domains: list[str], all_nll) -> dict:
-    """Block and greedy-ΔPPL sets re-chosen on each calibration domain, scored on every held-out domain.
-
-    Calibration windows of a domain that also has held-out windows exclude those windows' documents.
-    The INT4 weights stay the same (AWQ scales from the primary calibration): only the choice of layers moves."""
-    from morphlib.eval.stats import pooled_win_rate
-
-    labels = np.asarray(domains)
-    matrix, chosen = {}, {}
-    for cal in cfg.cross_calibration:
-        if cal == PRIMARY_CALIBRATION:
-            chosen[cal] = {"block": sets["block"], "greedy_dppl": sets["greedy_dppl"]}
-        else:
-            win = domain_windows(tok, cal, cfg.calib_windows, cfg.window_len, seed=cfg.seed, role="calibration",
-                                 exclude_docs=heldout_docs)
-            sel = Selector(lm, morpher, Reference.compute(lm, win.ids, cfg.batch_size), batch_size=cfg.batch_size)
-            order = sel.greedy_dppl_order(max(ks))
-            chosen[cal] = {"block": {k: sel.best_block(k) for k in ks}, "greedy_dppl": {k: sorted(order[:k]) for k in ks}}
-        diffs = np.stack([all_nll(chosen[cal]["block"][k]) - all_nll(chosen[cal]["greedy_dppl"][k]) for k in ks], axis=1)
-        matrix[cal] = {dom: pooled_win_rate(diffs[labels == dom], cfg.n_boot, cfg.seed) for dom in dict.fromkeys(domains)}
-    return {"matrix": matrix,
-            "sets": {c: {s: {str(k): by_k[k] for k in ks} for s, by_k in d.items()} for c, d in chosen.items()}}
