@@ -14,8 +14,6 @@
 # %% [markdown]
 # # Swap transfer cost
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/03_transfer.ipynb)
-#
 # A MorphServe swap is a copy: the INT4 version of a decoder layer waits in pinned host memory and
 # is copied over PCIe into the GPU when the layer is swapped in; a restore copies the FP16 bytes
 # back. The paper quotes about 4 ms for an INT4 Llama-2-7B layer over PCIe Gen4. This chapter
@@ -32,54 +30,11 @@
 # real values), with the shapes of public models.
 
 # %% tags=["parameters"]
-profile = "cpu"  # "cpu": small, for CI (CPU fallback); "gpu": the published numbers (needs CUDA)
-model = "smollm2-135m"  # shape used by the cpu profile (the gpu profile uses tinyllama-1.1b and llama-2-7b)
-seed = 0
-results_root = "results"
-device = "auto"  # "auto": CUDA when available, else the labelled CPU fallback
-layer_counts = [1, 2, 4, 8]
-group_size = 64
-
-# %%
-import subprocess
-import sys
-
-if "google.colab" in sys.modules:  # Colab: install the book's library (elsewhere: pip install -r requirements.txt)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/morphbook/morphbook"],
-                   check=True)
-
-# %%
-import json
-
-import altair as alt
-import pandas as pd
-import torch
-from IPython.display import Markdown, display
-
-from morphlib.book import provenance_banner, shown_results
-from morphlib.errors import MorphError, install_notebook_handler
-from morphlib.plotting import setup_altair
-from morphlib.results import save_summary
-from morphlib.stale import is_stale
-from morphlib.transfer import TransferConfig, headline, resolve_device, run_transfer
-
-install_notebook_handler()
-setup_altair()
-
-if profile == "gpu":
-    if resolve_device(device).type != "cuda":
-        raise MorphError("profile 'gpu' measures host-to-GPU copies and needs a CUDA GPU; "
-                         "use profile='cpu' for the labelled CPU fallback")
-    shapes, repeats, warmup, ceiling_mb = ["tinyllama-1.1b", "llama-2-7b"], 40, 3, [1, 4, 16, 64, 256, 1024]
-elif profile == "cpu":
-    shapes, repeats, warmup, ceiling_mb = [model], 10, 2, [1, 4, 16, 64]
-else:
-    raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
-if resolve_device(device).type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine
-    torch.set_num_threads(1)
-config = TransferConfig(shapes=tuple(shapes), layer_counts=tuple(layer_counts), group_size=group_size,
-                        repeats=repeats, warmup=warmup, ceiling_mb=tuple(ceiling_mb), seed=seed, device=device)
-config
+profile = "cpu"           # "cpu": small, for CI (the labelled CPU fallback); "gpu": the published numbers (needs CUDA)
+results_root = "results"  # where this run writes (the CPU build writes to a build folder)
+shapes = None             # None: the profile's model shapes (cpu: smollm2-135m; gpu: tinyllama-1.1b, llama-2-7b)
+layer_counts = None       # None: 1, 2, 4 and 8 layers
+device = None             # None: CUDA when available, else the labelled CPU fallback; or "cuda" / "cpu"
 
 # %% [markdown]
 # ## The design
@@ -100,37 +55,37 @@ config
 # them alike), after warm-up rounds. On a GPU each copy is timed with CUDA events on a side
 # stream; the **ceiling** is one large contiguous pinned copy, measured the same way at several
 # sizes. After timing, the copied device bytes are compared with the host bytes (they start zeroed).
+# The experiment is `morphbook.experiments.transfer`; the banner below says whose numbers the
+# figures show.
 
 # %%
-result = run_transfer(config)
-pd.DataFrame(result.timings)[["shape", "payload", "layers", "contiguity", "packing", "copies", "median_ms",
-                              "p99_ms", "gbps"]].round(3).head(12)
+from morphbook.experiments.transfer import Config, run
+from morphbook.publish.notebook import given, run_chapter, setup
 
-# %%
-params = {"profile": profile, "model": model, "seed": seed, "threads": torch.get_num_threads(), "device": result.device, "shapes": shapes,
-          "layer_counts": layer_counts, "group_size": group_size, "repeats": repeats, "warmup": warmup,
-          "ceiling_mb": ceiling_mb}
-saved = save_summary("transfer", params, headline(result, shapes[-1], tuple(layer_counts)), results_root,
-             extra_files={"timings.json": result.timings, "ceiling.json": result.ceiling,
-                          "layer_bytes.json": result.layer_bytes})
-print(f"saved {saved}")
+setup()
+cfg = Config.for_profile(profile, **given(shapes=shapes, layer_counts=layer_counts, device=device))
+shown = run_chapter("transfer", run, cfg, results_root)
 
 # %% [markdown]
 # ## Results
 #
-# Everything below is drawn from the saved results files (the book shows the committed GPU results
-# when they exist, whatever machine builds it).
+# Everything below is drawn from the results files the banner above names (the book shows the
+# committed GPU results when this run used its profile's own settings, whatever machine builds it).
 
-# %%
-summary, root, label = shown_results("transfer", results_root)
-display(Markdown(provenance_banner(summary, is_stale("transfer", summary))))
-figures = summary["headline"]
-if summary["provenance"].get("device") == "cpu" or "CPU fallback" in str(figures.get("timer")):
+# %% tags=["hide-input"]
+import altair as alt
+from IPython.display import Markdown, display
+
+figures, params = shown.headline, shown.params
+if shown.summary["provenance"].get("device") == "cpu" or "CPU fallback" in str(figures.get("timer")):
     display(Markdown("```{warning}\n**CPU fallback: no PCIe, numbers are memcpy.** These copies go from one host "
                      "buffer to another, timed by wall clock on a shared CPU; they say nothing about PCIe.\n```\n"))
-timings = pd.DataFrame(json.loads((root / "transfer" / "timings.json").read_text()))
-ceiling = pd.DataFrame(json.loads((root / "transfer" / "ceiling.json").read_text()))
-layer_bytes = pd.DataFrame(json.loads((root / "transfer" / "layer_bytes.json").read_text()))
+timings, ceiling, layer_bytes = shown.frame("timings.json"), shown.frame("ceiling.json"), shown.frame("layer_bytes.json")
+print(f"shapes {', '.join(params['shapes'])}; {params['repeats']} timed rounds after {params['warmup']} warm-up "
+      f"rounds; device {params['device']}, {params['threads']} thread(s)")
+timings[["shape", "payload", "layers", "contiguity", "packing", "copies", "median_ms", "p99_ms", "gbps"]].round(3).head(12)
+
+# %%
 layer_bytes.assign(fp16_mb=layer_bytes.fp16_bytes / 2**20, int4_mb=layer_bytes.int4_bytes / 2**20)[
     ["shape", "layers", "fp16_mb", "int4_mb", "int4_ratio"]].round(3)
 
@@ -188,8 +143,8 @@ alt.layer(rule, dots, data=pair).properties(width=220, height=180).facet(column=
 # ### What the numbers say
 
 # %%
-v = {k: (x["value"] if isinstance(x, dict) else x) for k, x in figures.items()}
-kmax = max(summary["provenance"]["params"]["layer_counts"])
+v = figures
+kmax = max(params["layer_counts"])
 lines = [f"* Shape **{v['shape']}**, timer: {v['timer']}. Ceiling (one big copy): **{v['ceiling_gbps']:.1f} GB/s**.",
          f"* One FP16 layer: **{v['fp16_layer_ms']:.3f} ms**; one INT4 layer: **{v['int4_layer_ms']:.3f} ms** "
          f"({v['fp16_layer_ms'] / v['int4_layer_ms']:.1f}x less time)."]

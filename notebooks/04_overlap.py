@@ -14,8 +14,6 @@
 # %% [markdown]
 # # Overlapping swaps with decoding
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/04_overlap.ipynb)
-#
 # MorphServe swaps layers *while requests are being served*: the host-to-GPU copy runs on a side
 # CUDA stream at token granularity, so decoding should not stall. This chapter checks that on the
 # real default model (SmolLM2-135M-Instruct). A batch of sequences decodes greedily with a KV
@@ -31,55 +29,11 @@
 # must produce **identical tokens**; we check that too (a missing wait would be a race).
 
 # %% tags=["parameters"]
-profile = "cpu"  # "cpu": small, for CI (CPU fallback: no streams); "gpu": the published numbers (needs CUDA)
-model = "smollm2-135m"
-seed = 0
-results_root = "results"
-device = "auto"  # "auto": CUDA when available, else the labelled CPU fallback
-group_size = 64  # INT4 group size (round-to-nearest, asymmetric)
-
-# %%
-import subprocess
-import sys
-
-if "google.colab" in sys.modules:  # Colab: install the book's library (elsewhere: pip install -r requirements.txt)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/morphbook/morphbook"],
-                   check=True)
-
-# %%
-import json
-
-import altair as alt
-import pandas as pd
-import torch
-from IPython.display import Markdown, display
-
-from morphlib.book import provenance_banner, shown_results
-from morphlib.corpus import make_windows
-from morphlib.errors import MorphError, install_notebook_handler
-from morphlib.models import load_model, num_layers
-from morphlib.morph import QuantConfig, prepare_morphing
-from morphlib.overlap import OverlapConfig, event_table, run_overlap, step_table, summarize
-from morphlib.plotting import setup_altair
-from morphlib.results import save_summary
-from morphlib.stale import is_stale
-from morphlib.transfer import block_layers, resolve_device
-
-install_notebook_handler()
-setup_altair()
-torch.manual_seed(seed)
-dev = resolve_device(device)
-if dev.type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine (10-30x slower steps)
-    torch.set_num_threads(1)
-if profile == "gpu":
-    if dev.type != "cuda":
-        raise MorphError("profile 'gpu' measures CUDA streams and needs a CUDA GPU; "
-                         "use profile='cpu' for the labelled CPU fallback")
-    batch, prompt_len, steps, interval, k, rounds = 8, 128, 64, 8, 16, 3
-elif profile == "cpu":
-    batch, prompt_len, steps, interval, k, rounds = 2, 16, 16, 4, 4, 1
-else:
-    raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
+profile = "cpu"           # "cpu": small, for CI (CPU fallback: no streams); "gpu": the published numbers (needs CUDA)
+results_root = "results"  # where this run writes (the CPU build writes to a build folder)
+model = None              # None: the book's model (SmolLM2-135M-Instruct); or a local HF folder, a .gguf file, a hub id
+layers_swapped = None     # None: the profile's block (cpu: 4 layers; gpu: 16 layers)
+device = None             # None: CUDA when available, else the labelled CPU fallback; or "cuda" / "cpu"
 
 # %% [markdown]
 # ## Setup
@@ -88,69 +42,38 @@ else:
 # On a GPU both precisions of each layer wait in pinned host memory, and a swap really copies
 # bytes into fresh device tensors and frees the FP16 ones. The swapped layers are a block in the
 # middle of the model. Prompts are held-out text windows (Moby-Dick and recent State of the Union
-# addresses).
+# addresses). The experiment is `morphbook.experiments.overlap`; the banner below says whose
+# numbers the figures show.
 
 # %%
-lm, tok = load_model(model, device=dev)
-morpher = prepare_morphing(lm, QuantConfig(group_size=group_size), progress=False)
-layers = block_layers(num_layers(lm), k)
-prompts = make_windows(tok, "heldout", batch, prompt_len, seed=seed).ids
-cfg = OverlapConfig(batch=batch, prompt_len=prompt_len, steps=steps, interval=interval, layers=tuple(layers),
-                    rounds=rounds)
-b = morpher.layer_bytes(layers[0])
-print(f"{model} on {dev}: swapping layers {layers[0]}..{layers[-1]}; per layer {b['fp16'] / 2**20:.2f} MiB FP16, "
-      f"{b['int4'] / 2**20:.2f} MiB INT4")
+from morphbook.experiments.overlap import Config, run
+from morphbook.publish.notebook import given, run_chapter, setup
 
-# %%
-runs = run_overlap(lm, morpher, prompts, cfg, warmup=dev.type == "cuda")  # CPU: no kernel warm-up needed
-stats = summarize(runs)
-pd.Series(stats).round(3)
-
-# %%
-expected_freed = sum(morpher.layer_bytes(i)["fp16"] - morpher.layer_bytes(i)["int4"] for i in layers)
-measured = [-e["allocated_delta"] for e in event_table(runs) if e["kind"] == "swap" and e["allocated_delta"] is not None]
-fig = lambda v, unit, label: {"value": v, "unit": unit, "label": label}  # noqa: E731
-cpu_note = " (not measured: no CUDA streams on CPU)" if dev.type != "cuda" else ""
-headline = {
-    "tpot_ms_no_swap": fig(stats["none_plain_ms"], " ms", "Decode step, no swap (median)"),
-    "tpot_ms_sync_swap_step": fig(stats.get("sync_swap_step_ms"), " ms", f"Step with a synchronous {k}-layer swap"),
-    "tpot_ms_async_swap_step": fig(stats.get("async_swap_step_ms"), " ms",
-                                   f"Step carrying a side-stream {k}-layer swap{cpu_note}"),
-    "swap_ms": fig(stats.get("sync_swap_call_ms"), " ms", f"Synchronous swap call, {k} layers to INT4"),
-    "restore_ms": fig(stats.get("sync_restore_call_ms"), " ms", f"Synchronous restore call, {k} layers to FP16"),
-    "sync_swap_stall_ms": fig(stats.get("sync_swap_stall_ms"), " ms", "Extra time of a synchronous-swap step"),
-    "async_swap_stall_ms": fig(stats.get("async_swap_stall_ms"), " ms", f"Extra time of a side-stream-swap step{cpu_note}"),
-    "sync_restore_stall_ms": fig(stats.get("sync_restore_stall_ms"), " ms", "Extra time of a synchronous-restore step"),
-    "async_restore_stall_ms": fig(stats.get("async_restore_stall_ms"), " ms",
-                                  f"Extra time of a side-stream-restore step{cpu_note}"),
-    "async_tokens_match_sync": fig(stats.get("async_tokens_match_sync"), "",
-                                   f"Side-stream run tokens equal to the synchronous run's (fraction){cpu_note}"),
-    "freed_mib_measured": fig(float(pd.Series(measured).median()) / 2**20 if measured else None, " MiB",
-                              "Device memory a swap released (torch.cuda.memory_allocated)"),
-    "freed_mib_expected": fig(expected_freed / 2**20, " MiB", f"FP16 minus INT4 bytes of the {k} layers"),
-    "layers_swapped": k,
-}
-params = {"profile": profile, "model": model, "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "group_size": group_size,
-          "batch": batch, "prompt_len": prompt_len, "steps": steps, "interval": interval, "layers": layers,
-          "rounds": rounds}
-saved = save_summary("overlap", params, headline, results_root,
-                     extra_files={"steps.json": step_table(runs), "events.json": event_table(runs), "stats.json": stats})
-print(f"saved {saved}")
+setup()
+cfg = Config.for_profile(profile, **given(model=model, layers_swapped=layers_swapped, device=device))
+shown = run_chapter("overlap", run, cfg, results_root)
 
 # %% [markdown]
 # ## Results
 #
-# Drawn from the saved results files (the committed GPU results when they exist).
+# Drawn from the results files the banner above names (the committed GPU results when this run used
+# its profile's own settings).
 
-# %%
-summary, root, label = shown_results("overlap", results_root)
-display(Markdown(provenance_banner(summary, is_stale("overlap", summary))))
-if summary["provenance"].get("device") == "cpu":
+# %% tags=["hide-input"]
+import altair as alt
+import pandas as pd
+from IPython.display import Markdown, display
+
+if shown.summary["provenance"].get("device") == "cpu":
     display(Markdown("```{warning}\n**CPU fallback: no CUDA streams.** A swap on CPU only re-points modules (host "
                      "memory is the device), so there is no copy to overlap: only the no-swap and synchronous runs "
                      "exist, and their step times are a shared 2-core CPU's.\n```\n"))
-steps_df = pd.DataFrame(json.loads((root / "overlap" / "steps.json").read_text()))
-events_df = pd.DataFrame(json.loads((root / "overlap" / "events.json").read_text()))
+params = shown.params
+print(f"{params['model']} on {params['device']}: swapping layers {params['layers'][0]}..{params['layers'][-1]}; "
+      f"batch {params['batch']}, prompts of {params['prompt_len']} tokens, {params['steps']} steps, a swap or "
+      f"restore every {params['interval']}, {params['rounds']} round(s)")
+steps_df = shown.frame("steps.json")
+pd.Series(shown.json("stats.json")).round(3)
 
 # %% [markdown]
 # ### Per-step latency
@@ -179,9 +102,9 @@ alt.Chart(table).mark_bar().encode(
     tooltip=["mode", "kind", "state", "count", "median", "p90"]).properties(width=150, height=170, title="Median step time")
 
 # %%
-h = {k2: (x["value"] if isinstance(x, dict) else x) for k2, x in summary["headline"].items()}
+h = shown.headline
 f = lambda x, spec=".2f": "n/a" if x is None else format(x, spec)  # noqa: E731
-lines = [f"* No swap: **{f(h['tpot_ms_no_swap'])} ms** per decode step (batch {summary['provenance']['params']['batch']}).",
+lines = [f"* No swap: **{f(h['tpot_ms_no_swap'])} ms** per decode step (batch {params['batch']}).",
          f"* Synchronous swap of {h['layers_swapped']} layers: the call takes {f(h['swap_ms'])} ms and its step "
          f"{f(h['tpot_ms_sync_swap_step'])} ms ({f(h['sync_swap_stall_ms'])} ms more than a plain step); a restore "
          f"call takes {f(h['restore_ms'])} ms ({f(h['sync_restore_stall_ms'])} ms of stall)."]

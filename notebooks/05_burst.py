@@ -14,8 +14,6 @@
 # %% [markdown]
 # # Serving a bursty trace
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/05_burst.ipynb)
-#
 # MorphServe swaps layers to INT4 *when memory runs short*: when a burst of requests needs more
 # KV cache than the GPU holds. Whether that ever happens depends on two things this chapter
 # measures before any serving engine runs: **how bursty real arrivals are**, and **how much KV
@@ -29,75 +27,50 @@
 # ```
 
 # %% tags=["parameters"]
-profile = "cpu"  # the analysis is the same on both profiles; "gpu" uses a finer time grid
-model = "llama-2-7b"  # model SHAPE for the KV arithmetic (MorphServe's Llama-2-7B; weights are not loaded)
-seed = 0
-results_root = "results"
-traces_dir = None  # folder with the Azure CSVs; None: $MORPHBOOK_TRACES, else ../shared/traces next to the repo
-rate_divisor = 4.75  # MorphServe divides the Azure arrival rate by 4.75
-window_s = 72.0  # MorphServe's replay window
-swap_counts = [0, 4, 8, 16]
-block_size = 16  # tokens per paged KV block
-group_size = 64  # INT4 group size of the swapped layers
-reserve_gib = 1.0  # activations + CUDA context, kept out of the KV budget
+profile = "cpu"           # the analysis is the same on both profiles; "gpu" uses a finer time grid (and runs anywhere)
+results_root = "results"  # where this run writes (the CPU build writes to a build folder)
+model = None              # None: llama-2-7b, the model SHAPE for the KV arithmetic (MorphServe's; no weights loaded)
+traces_dir = None         # None: $MORPHLIB_TRACES, else the traces shipped with morphlib (morphlib/data/traces)
+rate_divisor = None       # None: 4.75, MorphServe's division of the Azure arrival rate
+swap_counts = None        # None: 0, 4, 8 and 16 layers in INT4
+
+# %% [markdown]
+# ## Run
+#
+# The experiment is `morphbook.experiments.burst`: it loads the traces, measures their burstiness,
+# and does the KV arithmetic (seconds on any machine; no model is loaded). The banner below says
+# whose numbers the tables and figures show.
 
 # %%
-import subprocess
-import sys
+from morphbook.experiments.burst import Config, run
+from morphbook.publish.notebook import given, run_chapter, setup
 
-if "google.colab" in sys.modules:  # Colab: the library, and the two public Azure traces (CC-BY-4.0)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/morphbook/morphbook"],
-                   check=True)
-    import os
-    import urllib.request
-    os.makedirs("traces", exist_ok=True)
-    for f in ("AzureLLMInferenceTrace_code.csv", "AzureLLMInferenceTrace_conv.csv"):
-        urllib.request.urlretrieve(
-            f"https://raw.githubusercontent.com/Azure/AzurePublicDataset/master/data/{f}", f"traces/{f}")
-    traces_dir = traces_dir or "traces"
+setup()
+cfg = Config.for_profile(profile, **given(model=model, traces_dir=traces_dir, rate_divisor=rate_divisor,
+                                          swap_counts=swap_counts))
+shown = run_chapter("burst", run, cfg, results_root)
 
-# %%
-import dataclasses
-import json
-
+# %% tags=["hide-input"]
 import altair as alt
-import pandas as pd
 from IPython.display import Markdown, display
 
-from morphlib.book import provenance_banner, shown_results
-from morphlib.errors import MorphError, install_notebook_handler
-from morphlib.kvcache import (CARDS, GIB, busiest_window, capacity_table, kv_bytes_per_token,
-                              kv_bytes_per_token_layer, kv_demand, overload_pct)
-from morphlib.plotting import setup_altair
-from morphlib.results import save_summary
-from morphlib.stale import is_stale
-from morphlib.traces import TRACE_FILES, binned, burstiness, describe, load_named, resolve_traces_dir
-
-install_notebook_handler()
-setup_altair()
-if profile not in ("cpu", "gpu"):
-    raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
-step_s, poisson_trials = (0.1, 1000) if profile == "gpu" else (0.5, 200)
-cards = {k: dataclasses.replace(c, reserve_bytes=reserve_gib * GIB) for k, c in CARDS.items()}
-folder = resolve_traces_dir(traces_dir)  # a one-line error if the traces are not there
-print(f"traces: {folder}")
+h, p = shown.headline, shown.params
+traces, bursts, capacity = shown.frame("traces.json"), shown.frame("burstiness.json"), shown.frame("capacity.json")
+rates, demand, overload = shown.frame("rates_10s.json"), shown.frame("demand_window.json"), shown.frame("overload.json")
 
 # %% [markdown]
 # ## The traces
 #
 # Two one-hour Azure traces (code completion and conversation) with one row per request: arrival
-# time, prompt tokens, output tokens. The loader checks every row (field count, timestamp and
-# integer formats, no negative counts, timestamps never going back) and stops with a one-line
-# error naming the file and line otherwise. The 400-row BurstGPT head is loaded only to check
-# its format: it spans ten hours with 38 requests per hour, far too few for burst statistics.
+# time, prompt tokens, output tokens. They ship with `morphlib` (`morphlib/data/traces`, CC-BY-4.0,
+# with their licence and a README of origin and columns). The loader checks every row (field count,
+# timestamp and integer formats, no negative counts, timestamps never going back) and stops with a
+# one-line error naming the file and line otherwise. The 400-row BurstGPT head is loaded only to
+# check its format: it spans ten hours with 38 requests per hour, far too few for burst statistics.
+# Every table and chart below is drawn from the results files the banner above names.
 
 # %%
-traces = {name: load_named(name, folder) for name in ("azure-code", "azure-conv")}
-traces["burstgpt-head"] = load_named("burstgpt-head", folder) if (folder / TRACE_FILES["burstgpt-head"]).is_file() else None
-for t in traces.values():
-    for w in (t.warnings if t else []):
-        print("warning:", w)
-pd.DataFrame([describe(t) for t in traces.values() if t]).round(2)
+traces.round(2)
 
 # %% [markdown]
 # ## How bursty are the arrivals?
@@ -109,8 +82,6 @@ pd.DataFrame([describe(t) for t in traces.values() if t]).round(2)
 # for Poisson arrivals and larger when arrivals cluster.
 
 # %%
-azure = {k: v for k, v in traces.items() if k.startswith("azure")}
-bursts = pd.DataFrame([burstiness(t, b, poisson_trials, seed) for t in azure.values() for b in (1, 10, 60)])
 bursts[["trace", "bin_s", "mean_rps", "peak_rps", "peak_to_mean_rps", "poisson_peak_to_mean_rps",
         "dispersion_rps", "peak_to_mean_tokens"]].round(2)
 
@@ -123,9 +94,8 @@ bursts[["trace", "bin_s", "mean_rps", "peak_rps", "peak_to_mean_rps", "poisson_p
 # its INT4 bytes; each freed range holds a whole number of blocks.
 
 # %%
-capacity = capacity_table(model, cards, swap_counts, block_size, group_size)
-print(f"{model}: {kv_bytes_per_token_layer(model)} bytes per token per layer, "
-      f"{kv_bytes_per_token(model) / 1024:.0f} KiB per token over all layers")
+print(f"{p['model']}: {h['kv_kib_per_token']:.0f} KiB of KV per token over all layers; paged blocks of "
+      f"{p['block_size']} tokens; INT4 g{p['group_size']}; reserve {p['reserve_gib']:g} GiB per card")
 capacity[["card", "swapped_layers", "weights_gib", "kv_budget_gib", "blocks", "tokens", "gain_pct"]].round(2)
 
 # %% [markdown]
@@ -140,74 +110,7 @@ capacity[["card", "swapped_layers", "weights_gib", "kv_budget_gib", "blocks", "t
 # capacity over the whole hour, and draw the busiest 72-second window.
 
 # %%
-demand_rows, overload_rows = [], []
-for name, trace in azure.items():
-    slow = trace.slowed(rate_divisor)
-    for key, card in cards.items():
-        d = kv_demand(slow.arrival_s, slow.context_tokens, slow.generated_tokens, card, step_s)
-        t0 = busiest_window(d, window_s)
-        win = d[(d.t_s >= t0) & (d.t_s <= t0 + window_s)]
-        demand_rows += [{"trace": name, "card": card.name, "t_s": r.t_s - t0, "kv_tokens": r.kv_tokens,
-                         "window_start_s": t0} for r in win.itertuples()]
-        for row in capacity[capacity.card_key == key].itertuples():
-            overload_rows.append({"trace": name, "card": card.name, "swapped_layers": row.swapped_layers,
-                                  "capacity_tokens": row.tokens, "mean_demand_tokens": float(d.kv_tokens.mean()),
-                                  "overload_pct_hour": overload_pct(d, row.tokens),
-                                  "overload_pct_window": overload_pct(win, row.tokens)})
-overload = pd.DataFrame(overload_rows)
 overload.round(1)
-
-# %%
-cap = lambda card_key, k: int(capacity[(capacity.card_key == card_key) & (capacity.swapped_layers == k)].tokens.iloc[0])  # noqa: E731
-ov = lambda trace, card_key, k: float(overload[(overload.trace == trace) & (overload.card == cards[card_key].name)  # noqa: E731
-                                               & (overload.swapped_layers == k)].overload_pct_hour.iloc[0])
-b = bursts.set_index(["trace", "bin_s"])
-fig = lambda v, unit, label: {"value": v, "unit": unit, "label": label}  # noqa: E731
-kmax = max(swap_counts)
-headline = {}
-for name, short in (("azure-code", "code"), ("azure-conv", "conv")):
-    for bin_s in (1, 10):
-        headline[f"{short}_peak_to_mean_rps_{bin_s}s"] = fig(
-            float(b.loc[(name, bin_s), "peak_to_mean_rps"]), "x",
-            f"Azure {short}: peak / mean requests per {bin_s}-s bin (Poisson: "
-            f"{b.loc[(name, bin_s), 'poisson_peak_to_mean_rps']:.1f})")
-    headline[f"{short}_peak_to_mean_tokens_10s"] = fig(float(b.loc[(name, 10), "peak_to_mean_tokens"]), "x",
-                                                       f"Azure {short}: peak / mean tokens per 10-s bin")
-headline["kv_kib_per_token"] = fig(kv_bytes_per_token(model) / 1024, " KiB", f"{model}: KV per token (all layers)")
-headline["l4_kv_tokens_no_swap"] = fig(cap("L4-24GB", 0), " tokens", f"{model} on L4: KV capacity, FP16")
-for k in swap_counts:
-    if k:
-        headline[f"l4_kv_gain_pct_{k}_layers"] = fig(100 * (cap("L4-24GB", k) / cap("L4-24GB", 0) - 1), " %",
-                                                     f"L4: KV capacity gain, {k} layers INT4")
-headline[f"h100_kv_gain_pct_{kmax}_layers"] = fig(100 * (cap("H100-80GB", kmax) / cap("H100-80GB", 0) - 1), " %",
-                                                  f"80 GB card: KV capacity gain, {kmax} layers INT4")
-for short in ("code", "conv"):
-    for k in (0, kmax):
-        headline[f"l4_{short}_overload_pct_{k}_layers"] = fig(
-            ov(f"azure-{short}", "L4-24GB", k), " % of time",
-            f"L4, Azure {short} at rate/{rate_divisor:g}: demand above capacity, {k} layers INT4 (analytic)")
-rates = pd.concat([binned(t, 10).assign(trace=n) for n, t in azure.items()])
-params = {"profile": profile, "model": model, "seed": seed, "traces": {n: TRACE_FILES[n] for n in traces},
-          "rate_divisor": rate_divisor, "window_s": window_s, "swap_counts": swap_counts, "block_size": block_size,
-          "group_size": group_size, "reserve_gib": reserve_gib, "step_s": step_s, "poisson_trials": poisson_trials,
-          "cards": {k: dataclasses.asdict(c) for k, c in cards.items()}}
-saved = save_summary("burst", params, headline, results_root, extra_files={
-    "traces.json": [describe(t) for t in traces.values() if t], "burstiness.json": bursts,
-    "rates_10s.json": rates, "capacity.json": capacity, "demand_window.json": pd.DataFrame(demand_rows),
-    "overload.json": overload})
-print(f"saved {saved}")
-
-# %% [markdown]
-# ## Results
-#
-# Drawn from the saved results files.
-
-# %%
-summary, root, label = shown_results("burst", results_root)
-display(Markdown(provenance_banner(summary, is_stale("burst", summary))))
-load = lambda name: pd.DataFrame(json.loads((root / "burst" / name).read_text()))  # noqa: E731
-rates, bursts, capacity = load("rates_10s.json"), load("burstiness.json"), load("capacity.json")
-demand, overload = load("demand_window.json"), load("overload.json")
 
 # %%
 alt.Chart(rates).mark_line(interpolate="step-after").encode(
@@ -230,7 +133,8 @@ for (trace, card), part in sorted(demand.groupby(["trace", "card"]), key=lambda 
     charts.append(alt.layer(lines.properties(data=part), rules.transform_filter(alt.datum.card == card)).properties(
         title=f"{trace} on {card}", width=260, height=170))
 alt.vconcat(*[alt.hconcat(*charts[i:i + 2]) for i in range(0, len(charts), 2)]).properties(
-    title="KV demand (black, analytic) against KV capacity with 0-16 layers in INT4")
+    title=f"KV demand (black, analytic) against KV capacity with {min(p['swap_counts'])}-{max(p['swap_counts'])} "
+          "layers in INT4")
 
 # %%
 alt.Chart(capacity[capacity.swapped_layers > 0]).mark_bar().encode(
@@ -239,8 +143,6 @@ alt.Chart(capacity[capacity.swapped_layers > 0]).mark_bar().encode(
 ).properties(width=200, height=160, title="What swapped layers buy")
 
 # %%
-h = {k: (x["value"] if isinstance(x, dict) else x) for k, x in summary["headline"].items()}
-p = summary["provenance"]["params"]
 kmax = max(p["swap_counts"])
 pois = bursts.set_index(["trace", "bin_s"])["poisson_peak_to_mean_rps"]
 disp = bursts.set_index(["trace", "bin_s"])["dispersion_rps"]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from morphbook.experiments.transfer import Config, LayerSlab, SlabModel, run
 from morphlib.errors import MorphError
-from morphlib.models import shape_layer_bytes
-from morphlib.transfer import (LayerSlab, SlabModel, TransferConfig, block_layers, headline, run_transfer, runs,
-                               spread_layers)
+from morphlib.select.layersets import middle_block, runs, spread
+from morphlib.shapes import shape_layer_bytes
 
 
 def _tensors(n_layers=5, seed=0):
@@ -18,16 +18,16 @@ def _tensors(n_layers=5, seed=0):
 
 
 def test_layer_sets():
-    assert block_layers(30, 8) == list(range(11, 19))
-    assert block_layers(32, 1) == [15]
+    assert middle_block(30, 8) == list(range(11, 19))
+    assert middle_block(32, 1) == [15]
     for n, k in [(30, 2), (30, 8), (32, 16), (22, 8), (30, 15)]:
-        s = spread_layers(n, k)
+        s = spread(n, k)
         assert len(s) == k and all(0 <= i < n for i in s)
         assert all(b - a >= 2 for a, b in zip(s, s[1:])), s  # scattered: never adjacent when k <= n/2
-    assert spread_layers(30, 30) == list(range(30))
+    assert spread(30, 30) == list(range(30))
     assert runs([5, 1, 2, 3, 9, 10]) == [(1, 3), (5, 5), (9, 10)]
     with pytest.raises(MorphError):
-        block_layers(30, 31)
+        middle_block(30, 31)
 
 
 def test_slab_round_trip_is_bitwise_exact_and_copies_only_the_asked_layers():
@@ -63,7 +63,12 @@ def test_slab_errors_are_one_line():
 
 @pytest.fixture(scope="module")
 def smol_slabs():
-    return SlabModel.build("smollm2-135m", "cpu", group_size=64, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run() does on CPU: many small ops, and OpenMP spin-waits collapse on a busy machine
+    try:
+        return SlabModel.build("smollm2-135m", "cpu", group_size=64, seed=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_slab_model_weights_live_in_the_slab(smol_slabs):
@@ -83,15 +88,42 @@ def test_slab_model_weights_live_in_the_slab(smol_slabs):
     assert torch.equal(twin(x), y_ref)
 
 
-def test_run_transfer_small():
-    cfg = TransferConfig(shapes=("smollm2-135m",), layer_counts=(1, 2), repeats=2, warmup=1)
-    res = run_transfer(cfg)
-    assert res.fallback and res.device == "cpu" and res.exact
-    assert len(res.timings) == 2 * (3 + 6)
-    assert {(r["packing"], r["copies"]) for r in res.timings if r["payload"] == "fp16" and r["layers"] == 2
+def test_run_small_cpu_fallback():
+    threads = torch.get_num_threads()
+    cfg = Config.for_profile("cpu", layer_counts=[1, 2], repeats=2, warmup=1, ceiling_mb=[1])
+    assert cfg.layer_counts == (1, 2) and cfg.shapes == ("smollm2-135m",)  # lists become tuples
+    res = run(cfg)
+    assert torch.get_num_threads() == threads  # the CPU fallback's one thread does not leak out of run
+    assert res.params["device"] == "cpu" and res.params["threads"] == 1 and res.params["profile"] == "cpu"
+    timings = res.files["timings.json"]
+    assert len(timings) == 2 * (3 + 6)
+    assert {(r["packing"], r["copies"]) for r in timings if r["payload"] == "fp16" and r["layers"] == 2
             and r["contiguity"] == "block"} == {("tensor", 14), ("layer", 2), ("run", 1)}
-    assert all(r["median_ms"] > 0 and r["n"] == 2 for r in res.timings)
-    h = headline(res, "smollm2-135m", cfg.layer_counts)
-    assert h["copies_bitwise_exact"] is True
+    assert all(r["median_ms"] > 0 and r["n"] == 2 and r["ceiling_ratio"] > 0 for r in timings)
+    assert [r["mb"] for r in res.files["ceiling.json"]] == [1.0]
+    assert res.files["layer_bytes.json"][0]["fp16_bytes"] == shape_layer_bytes("smollm2-135m")["fp16_bytes"]
+    h = res.headline
+    assert h["copies_bitwise_exact"] is True and h["shape"] == "smollm2-135m" and "CPU fallback" in h["timer"]
     assert h["scattered_vs_block_ratio_fp16_2_layers"]["value"] > 0
-    assert "packed_vs_pertensor_speedup_int4_1_layer" in h
+    assert {"packed_vs_pertensor_speedup_int4_1_layer", "block_one_copy_speedup_int4_2_layers",
+            "fp16_2_layers_gbps", "fp16_2_layers_p99_ms", "ceiling_gbps"} <= set(h)
+
+
+def test_profiles_and_one_line_config_errors():
+    gpu = Config.for_profile("gpu")
+    assert gpu.shapes == ("tinyllama-1.1b", "llama-2-7b") and gpu.repeats == 40 and gpu.warmup == 3
+    assert gpu.ceiling_mb == (1, 4, 16, 64, 256, 1024) and gpu.layer_counts == (1, 2, 4, 8)
+    cpu = Config.for_profile("cpu")
+    assert cpu.repeats == 10 and cpu.warmup == 2 and cpu.ceiling_mb == (1, 4, 16, 64)
+    for bad in (dict(shapes=["gpt-9"]), dict(layer_counts=[0]), dict(layer_counts=[2, 2]),
+                dict(layer_counts=[31]), dict(repeats=0), dict(device="mps"), dict(bogus=1)):
+        with pytest.raises(MorphError) as exc:
+            Config.for_profile("cpu", **bad)
+        assert "\n" not in str(exc.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_profile_without_cuda_names_the_cpu_fallback():
+    with pytest.raises(MorphError, match="profile='cpu'") as exc:
+        run(Config.for_profile("gpu"))
+    assert "\n" not in str(exc.value)

@@ -1,9 +1,10 @@
-"""Decode with a KV cache while decoder layers are swapped FP16 <-> INT4 (chapter 4).
+"""Chapter 4: decode with a KV cache while decoder layers are swapped FP16 <-> INT4.
 
-One run decodes ``steps`` greedy tokens for a batch of prompts with a manual loop over
-``past_key_values`` and times every step (wall clock from the step's start to a device synchronize
-after it: the time per output token a serving loop sees). Every ``interval`` steps the same block of
-layers is swapped to INT4, then restored, alternately. Modes:
+One run decodes ``steps`` greedy tokens for a batch of ``batch`` held-out prompts of ``prompt_len``
+tokens with a manual loop over ``past_key_values`` and times every step (wall clock from the step's
+start to a device synchronize after it: the time per output token a serving loop sees). Every
+``interval`` steps the same middle block of ``layers_swapped`` layers is swapped to INT4, then
+restored, alternately. Modes:
 
 * ``none``: no swap (the baseline);
 * ``sync``: ``Morpher.swap(layers)`` at the token boundary, before the step's forward pass; on CUDA
@@ -15,38 +16,61 @@ layers is swapped to INT4, then restored, alternately. Modes:
   must produce the same tokens (a check that the side-stream path is correctly synchronized).
 
 Without CUDA there are no streams and a swap only re-points modules (host memory is the "device"):
-the CPU fallback runs ``none`` and ``sync`` only.
+the CPU fallback runs ``none`` and ``sync`` only. The gpu profile needs CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
 from morphlib.errors import MorphError
+from morphlib.eval.corpus import make_windows
+from morphlib.models import load_model, num_layers, resolve_device
+from morphlib.morph import QuantConfig, prepare_morphing
+from morphlib.select.layersets import middle_block
 
 MODES = ("none", "sync", "async")
+DEVICES = ("auto", "cuda", "cpu")
+
+DEFAULTS = {"gpu": dict(batch=8, prompt_len=128, steps=64, interval=8, layers_swapped=16, rounds=3),
+            "cpu": dict(batch=2, prompt_len=16, steps=16, interval=4, layers_swapped=4, rounds=1)}
 
 
 @dataclass(frozen=True)
-class OverlapConfig:
-    batch: int = 4
-    prompt_len: int = 32
-    steps: int = 24
-    interval: int = 6  # a swap or a restore every `interval` steps
-    layers: tuple[int, ...] = (11, 12, 13, 14, 15, 16, 17, 18)
-    rounds: int = 1  # each mode runs this many times, modes interleaved
-    modes: tuple[str, ...] = MODES
+class Config:
+    profile: str
+    model: str = "smollm2-135m"  # built-in default, a local HF folder / .gguf file, or a hub id
+    group_size: int = 64  # INT4 group size (round-to-nearest, asymmetric)
+    batch: int = 8  # sequences decoded together
+    prompt_len: int = 128  # tokens of each held-out prompt
+    steps: int = 64  # timed decode steps per run
+    interval: int = 8  # a swap or a restore every `interval` steps
+    layers_swapped: int = 16  # size of the middle block that is swapped
+    rounds: int = 3  # each mode runs this many times, modes interleaved
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when available, else the CPU fallback; or "cuda" / "cpu"
 
     def __post_init__(self):
-        if self.interval < 1 or self.steps <= self.interval:
-            raise MorphError(f"need 1 <= interval < steps (got interval={self.interval}, steps={self.steps})")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise MorphError(f"unknown mode {bad[0]!r}: use {', '.join(MODES)}")
+        for name in ("group_size", "batch", "steps", "interval", "layers_swapped", "rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MorphError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int) or self.prompt_len < 2:
+            raise MorphError(f"prompt_len must be an integer of at least 2 tokens, got {self.prompt_len!r}")
+        if self.steps <= self.interval:
+            raise MorphError(f"need interval < steps (got interval={self.interval}, steps={self.steps})")
+        if self.device not in DEVICES:
+            raise MorphError(f"device {self.device!r} is not supported: use {', '.join(map(repr, DEVICES))}")
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "Config":
+        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def schedule(steps: int, interval: int) -> dict[int, str]:
@@ -75,24 +99,25 @@ def _switch(morpher, kind: str, layers, stream=None):
 
 
 @torch.no_grad()
-def decode_with_swaps(model, morpher, prompts: torch.Tensor, cfg: OverlapConfig, mode: str, round_: int = 0,
-                      side_stream=None) -> DecodeRun:
-    """One timed greedy decode of ``cfg.steps`` tokens with the swap schedule applied in ``mode``."""
+def decode_with_swaps(model, morpher, prompts: torch.Tensor, layers: list[int], steps: int, interval: int,
+                      mode: str, round_: int = 0, side_stream=None) -> DecodeRun:
+    """One timed greedy decode of ``steps`` tokens with the swap schedule of ``layers`` applied in ``mode``."""
     device = next(model.parameters()).device
+    if mode not in MODES:
+        raise MorphError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
     if mode == "async" and device.type != "cuda":
         raise MorphError("the async mode needs a CUDA device (side streams); the CPU fallback runs none and sync")
     if mode == "async" and side_stream is None:
         side_stream = torch.cuda.Stream(device)
     morpher.restore()  # every run starts from the 16-bit model
-    events = schedule(cfg.steps, cfg.interval) if mode != "none" else {}
-    layers = list(cfg.layers)
+    events = schedule(steps, interval) if mode != "none" else {}
     run = DecodeRun(mode, round_)
     _sync(device)
     out = model(prompts.to(device), use_cache=True)
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     tokens, state = [], "fp16"
     _sync(device)
-    for step in range(cfg.steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         carried = ""
         if mode == "sync" and step in events:
@@ -119,18 +144,18 @@ def decode_with_swaps(model, morpher, prompts: torch.Tensor, cfg: OverlapConfig,
     return run
 
 
-def run_overlap(model, morpher, prompts: torch.Tensor, cfg: OverlapConfig, warmup: bool = True) -> list[DecodeRun]:
+def run_modes(model, morpher, prompts: torch.Tensor, layers: list[int], cfg: Config, warmup: bool = True) -> list[DecodeRun]:
     """All modes (``async`` only on CUDA), ``cfg.rounds`` times each, interleaved in a rotating order;
-    a short untimed warm-up first."""
+    a short untimed warm-up first (when ``warmup``)."""
     device = next(model.parameters()).device
-    modes = [m for m in cfg.modes if m != "async" or device.type == "cuda"]
+    modes = [m for m in MODES if m != "async" or device.type == "cuda"]
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     if warmup:  # first-use costs (kernel selection, allocator growth) out of the measured runs
-        short = OverlapConfig(cfg.batch, cfg.prompt_len, 2 * cfg.interval + 1, cfg.interval, cfg.layers, 1, cfg.modes)
         for m in modes:
-            decode_with_swaps(model, morpher, prompts, short, m, side_stream=side)
+            decode_with_swaps(model, morpher, prompts, layers, 2 * cfg.interval + 1, cfg.interval, m, side_stream=side)
     order = lambda r: modes[r % len(modes):] + modes[:r % len(modes)]  # noqa: E731 - rotate: no mode always first
-    return [decode_with_swaps(model, morpher, prompts, cfg, m, r, side) for r in range(cfg.rounds) for m in order(r)]
+    return [decode_with_swaps(model, morpher, prompts, layers, cfg.steps, cfg.interval, m, r, side)
+            for r in range(cfg.rounds) for m in order(r)]
 
 
 def step_table(runs: list[DecodeRun]) -> list[dict]:
@@ -175,3 +200,62 @@ def summarize(runs: list[DecodeRun]) -> dict:
     if sync and asyn:
         out["async_tokens_match_sync"] = float(np.mean([(a == sync[0]).float().mean().item() for a in asyn]))
     return out
+
+
+def headline(stats: dict, events: list[dict], k: int, expected_freed: int, cuda: bool) -> dict:
+    """Key figures (the values absent on CPU, e.g. the side-stream ones, are None)."""
+    measured = [-e["allocated_delta"] for e in events if e["kind"] == "swap" and e["allocated_delta"] is not None]
+    fig = lambda v, unit, label: {"value": v, "unit": unit, "label": label}  # noqa: E731
+    cpu_note = "" if cuda else " (not measured: no CUDA streams on CPU)"
+    return {
+        "tpot_ms_no_swap": fig(stats["none_plain_ms"], " ms", "Decode step, no swap (median)"),
+        "tpot_ms_sync_swap_step": fig(stats.get("sync_swap_step_ms"), " ms", f"Step with a synchronous {k}-layer swap"),
+        "tpot_ms_async_swap_step": fig(stats.get("async_swap_step_ms"), " ms",
+                                       f"Step carrying a side-stream {k}-layer swap{cpu_note}"),
+        "swap_ms": fig(stats.get("sync_swap_call_ms"), " ms", f"Synchronous swap call, {k} layers to INT4"),
+        "restore_ms": fig(stats.get("sync_restore_call_ms"), " ms", f"Synchronous restore call, {k} layers to FP16"),
+        "sync_swap_stall_ms": fig(stats.get("sync_swap_stall_ms"), " ms", "Extra time of a synchronous-swap step"),
+        "async_swap_stall_ms": fig(stats.get("async_swap_stall_ms"), " ms",
+                                   f"Extra time of a side-stream-swap step{cpu_note}"),
+        "sync_restore_stall_ms": fig(stats.get("sync_restore_stall_ms"), " ms", "Extra time of a synchronous-restore step"),
+        "async_restore_stall_ms": fig(stats.get("async_restore_stall_ms"), " ms",
+                                      f"Extra time of a side-stream-restore step{cpu_note}"),
+        "async_tokens_match_sync": fig(stats.get("async_tokens_match_sync"), "",
+                                       f"Side-stream run tokens equal to the synchronous run's (fraction){cpu_note}"),
+        "freed_mib_measured": fig(float(np.median(measured)) / 2**20 if measured else None, " MiB",
+                                  "Device memory a swap released (torch.cuda.memory_allocated)"),
+        "freed_mib_expected": fig(expected_freed / 2**20, " MiB", f"FP16 minus INT4 bytes of the {k} layers"),
+        "layers_swapped": k,
+    }
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device):
+    """One thread on CPU (OpenMP spin-waits collapse on a busy 2-core machine: 10-30x slower steps); restored after."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(cfg: Config) -> Result:
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    if cfg.profile == "gpu" and device.type != "cuda":
+        raise MorphError("profile 'gpu' measures CUDA streams and needs a CUDA GPU; "
+                         "use profile='cpu' for the labelled CPU fallback")
+    with Stopwatch() as sw, _cpu_threads(device):
+        threads = torch.get_num_threads()
+        torch.manual_seed(cfg.seed)
+        lm, tok = load_model(cfg.model, device=device)
+        morpher = prepare_morphing(lm, QuantConfig(group_size=cfg.group_size), progress=False)
+        layers = middle_block(num_layers(lm), cfg.layers_swapped)
+        prompts = make_windows(tok, "heldout", cfg.batch, cfg.prompt_len, seed=cfg.seed).ids
+        runs = run_modes(lm, morpher, prompts, layers, cfg, warmup=device.type == "cuda")  # CPU: no kernel warm-up
+        stats = summarize(runs)
+        events = event_table(runs)
+        head = headline(stats, events, cfg.layers_swapped, morpher.freed_bytes(layers), device.type == "cuda")
+    files = {"steps.json": step_table(runs), "events.json": events, "stats.json": stats}
+    return Result(as_params(cfg, device=str(device), threads=threads, layers=layers), head, files, sw.seconds)

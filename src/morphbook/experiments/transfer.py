@@ -1,4 +1,4 @@
-"""Host -> device copies of whole decoder layers into real weight storage (chapter 3).
+"""Chapter 3: host -> device copies of whole decoder layers into real weight storage.
 
 A :class:`LayerSlab` holds one precision (FP16 or INT4) of every decoder layer twice, with the same
 byte layout: in one host buffer (pinned when CUDA is used) and in one device buffer. The model's
@@ -14,6 +14,11 @@ and so are the layers, in order.
 
 On CUDA every copy is one ``cudaMemcpyAsync`` from pinned memory on the given stream. Without CUDA
 the same code copies between two host buffers (a memcpy: no PCIe is involved), timed by wall clock.
+
+``run(Config.for_profile("gpu"))`` times, for each model shape, payload (FP16 / INT4) and layer count,
+a middle block and the same number of spread-out layers with each packing, plus the ceiling (one big
+contiguous copy at several sizes), and checks that the copied bytes equal the host bytes. The gpu
+profile needs CUDA; the cpu profile is the labelled CPU fallback (host memcpy).
 """
 
 from __future__ import annotations
@@ -26,44 +31,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
 from morphlib.errors import MorphError
-from morphlib.int4 import Int4Linear
-from morphlib.models import SHAPES, _resolve_device, layer_linears, shape_layer_bytes
+from morphlib.models import layer_linears, resolve_device
+from morphlib.quant.int4 import Int4Linear
+from morphlib.select.layersets import middle_block, runs, spread
+from morphlib.shapes import shape_config, shape_layer_bytes
 
 ALIGN = 256
 PACKINGS = ("tensor", "layer", "run")
 PAYLOADS = ("fp16", "int4")
+DEVICES = ("auto", "cuda", "cpu")
+
+DEFAULTS = {"gpu": dict(shapes=("tinyllama-1.1b", "llama-2-7b"), repeats=40, warmup=3,
+                        ceiling_mb=(1, 4, 16, 64, 256, 1024)),
+            "cpu": dict(shapes=("smollm2-135m",), repeats=10, warmup=2, ceiling_mb=(1, 4, 16, 64))}
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-# ----------------------------------------------------------------------------- layer sets
-def block_layers(num_layers: int, k: int) -> list[int]:
-    """A contiguous block of ``k`` layers in the middle of the model."""
-    if not 1 <= k <= num_layers:
-        raise MorphError(f"cannot pick {k} of {num_layers} layers")
-    start = (num_layers - k) // 2
-    return list(range(start, start + k))
-
-
-def spread_layers(num_layers: int, k: int) -> list[int]:
-    """``k`` layers spread evenly over the depth (centre of each of k equal parts; no two adjacent if k <= L/2)."""
-    if not 1 <= k <= num_layers:
-        raise MorphError(f"cannot pick {k} of {num_layers} layers")
-    return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / k)) for i in range(k)})
-
-
-def runs(layers: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of adjacent layer indices, as (first, last) pairs."""
-    out: list[tuple[int, int]] = []
-    for li in sorted(layers):
-        if out and li == out[-1][1] + 1:
-            out[-1] = (out[-1][0], li)
-        else:
-            out.append((li, li))
-    return out
 
 
 # ----------------------------------------------------------------------------- the slab
@@ -195,10 +181,8 @@ class SlabModel:
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        if shape not in SHAPES:
-            raise MorphError(f"unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}")
         device = torch.device(device)
-        config = LlamaConfig(**SHAPES[shape])
+        config = LlamaConfig(**shape_config(shape))
         with torch.device("meta"):
             layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         names = list(layer_linears(layers[0]))
@@ -224,26 +208,51 @@ class SlabModel:
 
 
 # ----------------------------------------------------------------------------- the experiment
+def _positive_ints(name: str, values, allow_zero: bool = False) -> tuple[int, ...]:
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    low = 0 if allow_zero else 1
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+        raise MorphError(f"{name} must be {'non-negative' if allow_zero else 'positive'} integers, got {values!r}")
+    return values
+
+
 @dataclass(frozen=True)
-class TransferConfig:
-    shapes: tuple[str, ...] = ("smollm2-135m",)
+class Config:
+    profile: str
+    shapes: tuple[str, ...] = ("tinyllama-1.1b", "llama-2-7b")  # built-in shapes (random weights); headline: the last
     layer_counts: tuple[int, ...] = (1, 2, 4, 8)
-    payloads: tuple[str, ...] = PAYLOADS
-    packings: tuple[str, ...] = PACKINGS
-    group_size: int = 64
-    repeats: int = 20
-    warmup: int = 3
-    ceiling_mb: tuple[int, ...] = (1, 4, 16, 64, 256)
+    group_size: int = 64  # INT4 group size of the INT4 payload
+    repeats: int = 40  # timed rounds (every condition once per round, random order)
+    warmup: int = 3  # untimed rounds first
+    ceiling_mb: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)  # sizes of the one-big-copy ceiling (those that fit)
     seed: int = 0
-    device: str = "auto"  # "auto": CUDA when available, else the CPU fallback
+    device: str = "auto"  # "auto": CUDA when available, else the CPU fallback; or "cuda" / "cpu"
 
+    def __post_init__(self):
+        shapes = tuple(self.shapes) if isinstance(self.shapes, (list, tuple)) else (self.shapes,)
+        if not shapes:
+            raise MorphError("shapes must name at least one model shape")
+        for s in shapes:
+            shape_config(s)  # a one-line error naming the built-in shapes
+        counts = _positive_ints("layer_counts", self.layer_counts)
+        if len(set(counts)) != len(counts):
+            raise MorphError(f"layer_counts has duplicates: {counts}")
+        for s in shapes:
+            n = shape_config(s)["num_hidden_layers"]
+            if max(counts) > n:
+                raise MorphError(f"layer count {max(counts)} is larger than {s}'s {n} layers")
+        _positive_ints("group_size", self.group_size)
+        _positive_ints("repeats", self.repeats)
+        _positive_ints("warmup", self.warmup, allow_zero=True)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "layer_counts", counts)
+        object.__setattr__(self, "ceiling_mb", _positive_ints("ceiling_mb", self.ceiling_mb))
+        if self.device not in DEVICES:
+            raise MorphError(f"device {self.device!r} is not supported: use {', '.join(map(repr, DEVICES))}")
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error (the rule of load_model)."""
-    dev = _resolve_device(None if device == "auto" else device)
-    if dev.type not in ("cuda", "cpu"):
-        raise MorphError(f"device {device!r} is not available here (use 'auto', 'cuda' with a GPU, or 'cpu')")
-    return dev
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "Config":
+        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 class CopyTimer:
@@ -296,72 +305,27 @@ def measure_ceiling(slab: LayerSlab, timer: CopyTimer, sizes_mb, repeats: int, w
     return [{"bytes": n, "mb": n / 2**20, **_stats(samples[n], n)} for n in sizes]
 
 
-def measure_shape(sm: SlabModel, timer: CopyTimer, cfg: TransferConfig) -> list[dict]:
+def measure_shape(sm: SlabModel, timer: CopyTimer, cfg: Config) -> list[dict]:
     """The 2x2(x3) design for one shape: payload x layer count x contiguity x packing."""
     num = len(sm.layers)
     plans, meta = {}, {}
-    for payload in cfg.payloads:
+    for payload in PAYLOADS:
         slab = sm.slab(payload)
         for k in cfg.layer_counts:
-            if k > num:
-                raise MorphError(f"layer count {k} is larger than {sm.shape}'s {num} layers")
-            sets = {"block": block_layers(num, k)}
+            sets = {"block": middle_block(num, k)}
             if k > 1:  # one layer is one layer: there is no scattered variant
-                sets["scattered"] = spread_layers(num, k)
+                sets["scattered"] = spread(num, k)
             for contiguity, layers in sets.items():
-                for packing in cfg.packings:
+                for packing in PACKINGS:
                     key = (payload, k, contiguity, packing)
                     plans[key] = slab.plan(layers, packing)
                     meta[key] = {"shape": sm.shape, "payload": payload, "layers": k, "contiguity": contiguity,
                                  "packing": packing, "copies": len(plans[key]), "bytes": slab.payload_bytes(layers),
                                  "layer_ids": " ".join(map(str, layers))}
-    for payload in cfg.payloads:  # the device copies start empty, so the exactness check means something
+    for payload in PAYLOADS:  # the device copies start empty, so the exactness check means something
         sm.slab(payload).device_buffer.zero_()
     samples = _interleaved(timer, plans, cfg.repeats, cfg.warmup, cfg.seed)
     return [{**meta[key], **_stats(ms, meta[key]["bytes"])} for key, ms in samples.items()]
-
-
-@dataclass
-class TransferResult:
-    device: str
-    timer: str
-    fallback: bool
-    timings: list[dict]
-    ceiling: list[dict]
-    layer_bytes: list[dict]
-    exact: bool
-
-    @property
-    def ceiling_gbps(self) -> float:
-        return max(self.ceiling, key=lambda r: r["bytes"])["gbps"]
-
-
-def run_transfer(cfg: TransferConfig = TransferConfig()) -> TransferResult:
-    device = resolve_device(cfg.device)
-    timer = CopyTimer(device)
-    timings, ceiling, layer_bytes, exact = [], [], [], True
-    for shape in cfg.shapes:
-        sm = SlabModel.build(shape, device, cfg.group_size, cfg.seed)
-        expected = shape_layer_bytes(shape, cfg.group_size)
-        got = {"fp16": sm.fp16.payload_bytes([0]), "int4": sm.int4.payload_bytes([0])}
-        if got["fp16"] != expected["fp16_bytes"] or got["int4"] != expected["int4_bytes"]:
-            raise MorphError(f"{shape}: slab bytes per layer {got} differ from shape_layer_bytes {expected}")
-        layer_bytes.append({"shape": shape, "layers": len(sm.layers), "fp16_bytes": got["fp16"],
-                            "int4_bytes": got["int4"], "int4_ratio": got["int4"] / got["fp16"]})
-        rows = measure_shape(sm, timer, cfg)
-        copied = sorted({int(i) for r in rows for i in r["layer_ids"].split()})
-        exact &= sm.fp16.matches_host(copied) and sm.int4.matches_host(copied)
-        if not ceiling:  # measured once, on the first shape's FP16 slab (the buffers themselves don't matter)
-            ceiling = measure_ceiling(sm.fp16, timer, cfg.ceiling_mb, cfg.repeats, cfg.warmup, cfg.seed)
-        timings += rows
-        del sm
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = TransferResult(name, timer.label, device.type != "cuda", timings, ceiling, layer_bytes, exact)
-    for r in timings:
-        r["ceiling_ratio"] = r["gbps"] / res.ceiling_gbps
-    return res
 
 
 def _median(rows, **where) -> float:
@@ -371,22 +335,23 @@ def _median(rows, **where) -> float:
     return hits[0]
 
 
-def headline(res: TransferResult, shape: str, counts: tuple[int, ...]) -> dict:
+def headline(timings: list[dict], ceiling_gbps: float, timer: str, fallback: bool, exact: bool, shape: str,
+             counts: tuple[int, ...]) -> dict:
     """Key figures for ``shape``; every ratio is (time of the second-named variant) / (time of the first)."""
-    rows = [r for r in res.timings if r["shape"] == shape]
+    rows = [r for r in timings if r["shape"] == shape]
     lo, hi = min(counts), max(counts)
     t = lambda p, k, c="block", pk="layer": _median(rows, payload=p, layers=k, contiguity=c, packing=pk)  # noqa: E731
     fig = lambda v, unit, label: {"value": v, "unit": unit, "label": label}  # noqa: E731
     n = lambda k: f"{k}_layer" + ("s" if k > 1 else "")  # noqa: E731
     big = next(r for r in rows if (r["payload"], r["layers"], r["contiguity"], r["packing"]) == ("fp16", hi, "block", "layer"))
-    out = {"shape": shape, "timer": res.timer,
-           "ceiling_gbps": fig(res.ceiling_gbps, " GB/s", "One big memcpy (CPU fallback ceiling)" if res.fallback
+    out = {"shape": shape, "timer": timer,
+           "ceiling_gbps": fig(ceiling_gbps, " GB/s", "One big memcpy (CPU fallback ceiling)" if fallback
                                else "One big pinned host-to-device copy (ceiling)"),
            "fp16_layer_ms": fig(t("fp16", lo), " ms", f"FP16 copy of {lo} layer, median"),
            "int4_layer_ms": fig(t("int4", lo), " ms", f"INT4 copy of {lo} layer, median"),
            f"fp16_{n(hi)}_gbps": fig(big["gbps"], " GB/s", f"FP16, {hi} layers, one copy per layer"),
            f"fp16_{n(hi)}_p99_ms": fig(big["p99_ms"], " ms", f"FP16, {hi} layers, one copy per layer, p99")}
-    for p in ("fp16", "int4"):
+    for p in PAYLOADS:
         for k in sorted({lo, hi}):
             out[f"packed_vs_pertensor_speedup_{p}_{n(k)}"] = fig(
                 t(p, k, pk="tensor") / t(p, k), "x", f"{p.upper()}, {k} layer(s): one copy per tensor / per layer")
@@ -395,5 +360,52 @@ def headline(res: TransferResult, shape: str, counts: tuple[int, ...]) -> dict:
                 t(p, hi, c="scattered") / t(p, hi), "x", f"{p.upper()}, {hi} layers: scattered / block (same copies)")
             out[f"block_one_copy_speedup_{p}_{n(hi)}"] = fig(
                 t(p, hi) / t(p, hi, pk="run"), "x", f"{p.upper()}, {hi}-layer block: one copy per layer / one copy")
-    out["copies_bitwise_exact"] = res.exact
+    out["copies_bitwise_exact"] = exact
     return out
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device):
+    """One thread on CPU (OpenMP spin-waits collapse on a busy 2-core machine); restored afterwards."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(cfg: Config) -> Result:
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    if cfg.profile == "gpu" and device.type != "cuda":
+        raise MorphError("profile 'gpu' measures host-to-GPU copies and needs a CUDA GPU; "
+                         "use profile='cpu' for the labelled CPU fallback")
+    with Stopwatch() as sw, _cpu_threads(device):
+        threads = torch.get_num_threads()
+        timer = CopyTimer(device)
+        timings, ceiling, layer_bytes, exact = [], [], [], True
+        for shape in cfg.shapes:
+            sm = SlabModel.build(shape, device, cfg.group_size, cfg.seed)
+            expected = shape_layer_bytes(shape, cfg.group_size)
+            got = {"fp16": sm.fp16.payload_bytes([0]), "int4": sm.int4.payload_bytes([0])}
+            if got["fp16"] != expected["fp16_bytes"] or got["int4"] != expected["int4_bytes"]:
+                raise MorphError(f"{shape}: slab bytes per layer {got} differ from shape_layer_bytes {expected}")
+            layer_bytes.append({"shape": shape, "layers": len(sm.layers), "fp16_bytes": got["fp16"],
+                                "int4_bytes": got["int4"], "int4_ratio": got["int4"] / got["fp16"]})
+            rows = measure_shape(sm, timer, cfg)
+            copied = sorted({int(i) for r in rows for i in r["layer_ids"].split()})
+            exact &= sm.fp16.matches_host(copied) and sm.int4.matches_host(copied)
+            if not ceiling:  # measured once, on the first shape's FP16 slab (the buffers themselves don't matter)
+                ceiling = measure_ceiling(sm.fp16, timer, cfg.ceiling_mb, cfg.repeats, cfg.warmup, cfg.seed)
+            timings += rows
+            del sm
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        ceiling_gbps = max(ceiling, key=lambda r: r["bytes"])["gbps"]
+        for r in timings:
+            r["ceiling_ratio"] = r["gbps"] / ceiling_gbps
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    head = headline(timings, ceiling_gbps, timer.label, not timer.cuda, exact, cfg.shapes[-1], cfg.layer_counts)
+    files = {"timings.json": timings, "ceiling.json": ceiling, "layer_bytes.json": layer_bytes}
+    return Result(as_params(cfg, device=name, threads=threads), head, files, sw.seconds)
