@@ -2,6 +2,7 @@
 """Build MorphBook: execute the chapters, assemble the sources, build the HTML (warnings are errors).
 
     python scripts/build_book.py [--profile cpu] [--skip-run] [--notebooks-dir DIR]
+    python scripts/build_book.py --export-colab DIR    # only: write Colab-ready .ipynb files (see _config.yml)
 
 1. run every chapter with papermill into _build/executed/ (scripts/run_chapters.py), parameters
    {profile, results_root: _build/results-<profile> (cpu) or results (gpu)};
@@ -36,18 +37,29 @@ SRC = BUILD / "src"
 HTML = SRC / "_build" / "html"
 
 
-# Remote images that chapters reference (for Colab / GitHub readers) and the local copies the
-# offline book shows instead; paths are rewritten in the assembled notebooks only.
-LOCAL_ASSETS = {"https://colab.research.google.com/assets/colab-badge.svg": "book/_static/colab-badge.svg"}
+def export_colab(dest: Path) -> list[Path]:
+    """Write each chapter as an .ipynb whose first cell installs this repository on Colab.
 
+    The repository and branch come from _config.yml (``repository.url``, ``repository.branch``), the
+    one place that names them; commit the folder's ``notebooks/`` to that branch."""
+    import jupytext
+    import nbformat
+    import yaml
 
-def localise_assets(notebook: Path, dest: Path) -> None:
-    """Copy an executed notebook, pointing known remote images at their local copies."""
-    text = notebook.read_text(encoding="utf-8")
-    for remote, local in LOCAL_ASSETS.items():
-        rel = os.path.relpath(SRC / local, dest.parent).replace(os.sep, "/")
-        text = text.replace(remote, rel)
-    dest.write_text(text, encoding="utf-8")
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    install = (f'%pip install -q "morphlib[book] @ git+{repo["url"]}@main"  # Colab: the book\'s library\n'
+               'import os; os.environ.setdefault("MORPHLIB_CACHE", "/content/morphlib-cache")')
+    out = []
+    for ch in CHAPTERS:
+        nb = jupytext.read(ROOT / ch.notebook, fmt="py:percent")
+        nb.cells.insert(1, nbformat.v4.new_code_cell(install, metadata={"tags": ["colab-install"]}))
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata.pop("jupytext", None)
+        path = dest / Path(ch.notebook).with_suffix(".ipynb")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jupytext.write(nb, path, fmt="ipynb")
+        out.append(path)
+    return out
 
 
 def placeholder(title: str, source: str, why: str) -> str:
@@ -69,7 +81,7 @@ def assemble(profile: str, notebooks_dir: Path) -> set[str]:
         dest = SRC / ch.notebook
         dest.parent.mkdir(parents=True, exist_ok=True)
         if executed.is_file():
-            localise_assets(executed, dest.with_suffix(".ipynb"))
+            shutil.copy2(executed, dest.with_suffix(".ipynb"))
             present.add(ch.name)
         else:
             why = "its notebook does not exist yet" if not (notebooks_dir / Path(ch.notebook).name).is_file() \
@@ -100,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-run", action="store_true", help="reuse the notebooks already in _build/executed/")
     ap.add_argument("--notebooks-dir", default="notebooks", help="chapter sources (default: notebooks/)")
     ap.add_argument("--cell-timeout", type=float, default=None, help="papermill seconds per cell (default: none)")
+    ap.add_argument("--export-colab", metavar="DIR", default=None,
+                    help="only write Colab-ready .ipynb chapters (with an install cell) under DIR/notebooks and exit")
     args = ap.parse_args(argv)
+    if args.export_colab:
+        for path in export_colab(Path(args.export_colab).resolve()):
+            print(f"wrote {path}")
+        return 0
     notebooks_dir = Path(args.notebooks_dir).resolve()
     os.chdir(ROOT)
     t_start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Architectures of well-known models and their weight bytes, as plain arithmetic (no torch, no download).
 
 ``SHAPES`` holds the public configs of the models the book times with random ("dummy") weights;
-``layer_bytes(shape, group_size)`` gives one decoder layer's 16-bit and INT4 bytes, and
+``shape_layer_bytes(shape, group_size)`` gives one decoder layer's 16-bit and INT4 bytes, and
 ``int4_nbytes`` the bytes of one packed INT4 matrix (4 bits per weight plus a bf16 scale and zero per
 group) — the exact accounting the serving engine turns into KV blocks.
 """

@@ -21,14 +21,13 @@ the CPU fallback runs ``none`` and ``sync`` only. The gpu profile needs CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import cpu_threads, Result, Stopwatch, as_params, config_for_profile
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows
 from morphlib.models import load_model, num_layers, resolve_device
@@ -229,24 +228,12 @@ def headline(stats: dict, events: list[dict], k: int, expected_freed: int, cuda:
     }
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device):
-    """One thread on CPU (OpenMP spin-waits collapse on a busy 2-core machine: 10-30x slower steps); restored after."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(cfg: Config) -> Result:
     device = resolve_device(None if cfg.device == "auto" else cfg.device)
     if cfg.profile == "gpu" and device.type != "cuda":
         raise MorphError("profile 'gpu' measures CUDA streams and needs a CUDA GPU; "
                          "use profile='cpu' for the labelled CPU fallback")
-    with Stopwatch() as sw, _cpu_threads(device):
+    with Stopwatch() as sw, cpu_threads(device):
         threads = torch.get_num_threads()
         torch.manual_seed(cfg.seed)
         lm, tok = load_model(cfg.model, device=device)

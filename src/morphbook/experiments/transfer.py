@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import cpu_threads, Result, Stopwatch, as_params, config_for_profile
 from morphlib.errors import MorphError
 from morphlib.models import layer_linears, resolve_device
 from morphlib.quant.int4 import Int4Linear
@@ -364,24 +364,12 @@ def headline(timings: list[dict], ceiling_gbps: float, timer: str, fallback: boo
     return out
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device):
-    """One thread on CPU (OpenMP spin-waits collapse on a busy 2-core machine); restored afterwards."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(cfg: Config) -> Result:
     device = resolve_device(None if cfg.device == "auto" else cfg.device)
     if cfg.profile == "gpu" and device.type != "cuda":
         raise MorphError("profile 'gpu' measures host-to-GPU copies and needs a CUDA GPU; "
                          "use profile='cpu' for the labelled CPU fallback")
-    with Stopwatch() as sw, _cpu_threads(device):
+    with Stopwatch() as sw, cpu_threads(device):
         threads = torch.get_num_threads()
         timer = CopyTimer(device)
         timings, ceiling, layer_bytes, exact = [], [], [], True

@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from morphbook.chapters import ALL, chapter
 from morphbook.publish.codehash import closure, code_hash
