@@ -162,9 +162,11 @@ def test_interp_fused_kernels_within_tolerance(interp_kernels, m):
                           dtype=torch.float32)
     x = torch.randn(m, k).to(torch.bfloat16)
     ref = x.double() @ w.double().t() + bias.double()
-    for fn, cfg in [(interp_kernels.gemv, {"BN": 16}), (interp_kernels.gemv, {"BN": 32, "split": 3}),
+    for fn, cfg in [(interp_kernels.gemv, {"BN": 16}), (interp_kernels.gemv, {"BN": 32, "split": 3, "GB": 2}),
+                    (interp_kernels.gemv, {"BN": 8, "split": 2, "GB": 4}),
                     (interp_kernels.dot, {"BM": 16, "BN": 32, "swap": 0}),
-                    (interp_kernels.dot, {"BM": 16, "BN": 16, "swap": 1, "split": 2}),
+                    (interp_kernels.dot, {"BM": 16, "BN": 16, "swap": 1, "split": 2, "GB": 2}),
+                    (interp_kernels.dot, {"BM": 16, "BN": 32, "swap": 0, "GB": 4, "split": 2}),
                     (interp_kernels.dot, {"BM": 16, "BN": 32, "swap": 1, "factor": 1}),
                     (interp_kernels.dot, {"BM": 16, "BN": 16, "swap": 0, "factor": 1, "split": 3})]:
         y = fn(x, packed, sz, n=n, k=k, group_size=g, cfg=cfg, input_scale_inv=sinv, bias=bias)
@@ -227,9 +229,9 @@ def _tolerance_configs(m, n, k, g):
 
     if g == 64:
         return bench.candidates(m, n, k, g)
-    few = [bench._gemv(32), bench._gemv(64, 4), bench._dot(16, 64, 1, 2), bench._dot(16, 64, 0),
-           bench._dot(64, 128, 0), bench._dot(128, 128, 0, warps=8), {"kernel": "dequant_gemm"}]
-    return [c for c in few if c["kernel"] != "gemv" or m <= 4]
+    few = [bench._gemv(16), bench._gemv(32, 4, 8, 8), bench._dot(16, 64, 1, 2, gb=2), bench._dot(16, 32, 0, gb=4),
+           bench._dot(64, 128, 0, gb=2), bench._dot(128, 128, 0, warps=8, gb=2), {"kernel": "dequant_gemm"}]
+    return [c for c in few if c["kernel"] != "gemv" or m == 1]
 
 
 def variant_keys():

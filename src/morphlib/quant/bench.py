@@ -120,10 +120,12 @@ def time_cpu(call, min_s: float = 0.05, max_reps: int = 50) -> float:
 
 
 def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written: the better of a
+    memcpy (``copy_``) and an elementwise copy kernel over 1 GiB."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_cuda([lambda: dst.copy_(src)], min_ms=50.0)
+    ms = min(time_cuda([lambda: dst.copy_(src)], min_ms=50.0),
+             time_cuda([lambda: torch.mul(src, 1.0, out=dst)], min_ms=50.0))
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
@@ -190,45 +192,48 @@ DEQUANT_CANDIDATES = [
 ]
 
 
-def _dot(bm, bn, swap, split=1, warps=4, stages=3, factor=0):
+def _dot(bm, bn, swap, split=1, warps=4, stages=3, factor=0, gb=1):
     return {"kernel": "dot", "BM": bm, "BN": bn, "swap": swap, "split": split, "warps": warps, "stages": stages,
-            "factor": factor}
+            "factor": factor, "GB": 1 if factor else gb}
 
 
-def _gemv(bn, split=1, gpi=2, warps=4):
-    return {"kernel": "gemv", "BN": bn, "split": split, "GPI": gpi, "warps": warps}
+def _gemv(bn, split=1, gb=4, warps=4, stages=3):
+    return {"kernel": "gemv", "BN": bn, "split": split, "GB": gb, "warps": warps, "stages": stages}
 
 
 def candidates(m: int, n: int, k: int, group_size: int) -> list[dict]:
     """Kernel configurations the tuner measures at M rows (every one computes the same function)."""
     c: list[dict] = []
     if m == 1:
-        c += [_gemv(bn, s) for bn in (64, 128) for s in (1, 2, 4, 8)]
-    elif m <= 4:
-        c += [_gemv(64, s) for s in (1, 4)]
+        c += [_gemv(bn, s, gb, w) for bn, gb, w in ((8, 8, 2), (16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8))
+              for s in (1, 2, 4)]
     if m <= 16:
-        c += [_dot(16, bn, 1, s) for bn in (64, 128, 256) for s in (1, 2, 4, 8)]
-        c += [_dot(16, 256, 1, s, factor=1) for s in (1, 4)] + [_dot(16, 64, 0, s) for s in (1, 4)]
+        c += [_dot(16, bn, 1, s, gb=gb) for bn in (64, 128) for gb in (2, 4) for s in (1, 2, 4, 8)]
+        c += [_dot(16, bn, 0, s, gb=gb) for bn in (16, 32) for gb in (2, 4) for s in (1, 2)]
+        c += [_dot(16, 128, 1, s, factor=1) for s in (1, 4)]
     elif m <= 32:
-        c += [_dot(32, bn, 1, s) for bn in (64, 128, 256) for s in (1, 2, 4)] + [_dot(32, 128, 1, factor=1)]
-        c += [_dot(32, 64, 0, s) for s in (1, 2)]
+        c += [_dot(32, bn, 1, s, gb=gb) for bn in (64, 128) for gb in (2, 4) for s in (1, 2, 4)]
+        c += [_dot(32, 32, 0, s, gb=4) for s in (1, 2)]
     elif m <= 64:
-        c += [_dot(64, bn, 1, s) for bn in (64, 128) for s in (1, 2)] + [_dot(64, 128, 1, factor=1)]
-        c += [_dot(64, bn, 0) for bn in (64, 128)]
+        c += [_dot(64, bn, 1, s, gb=gb) for bn in (64, 128) for gb in (2, 4) for s in (1, 2, 4)]
+    elif m <= 128:
+        c += [_dot(128, bn, 1, s, warps=w, gb=gb) for bn, w in ((64, 4), (128, 8)) for gb in (2, 4) for s in (1, 2)]
+        c += [_dot(64, 128, 0, s, gb=4) for s in (1, 2)] + [_dot(128, 128, 0, warps=8, gb=2)]
     elif m <= 256:
-        c += [_dot(128, 64, 1), _dot(128, 128, 1, warps=8), _dot(64, 128, 0), _dot(128, 128, 0, warps=8),
-              _dot(128, 64, 0), _dot(64, 64, 0), _dot(64, 128, 1, factor=1), _dot(128, 128, 1, warps=8, factor=1)]
-        if m == 256:
-            c += [_dot(256, 64, 1, warps=8), _dot(256, 128, 1, warps=8)]
+        c += [_dot(128, bn, 1, s, warps=w, gb=2) for bn, w in ((64, 4), (128, 8)) for s in (1, 2)]
+        c += [_dot(128, 128, 0, s, warps=8, gb=2) for s in (1, 2)] + [_dot(128, 64, 0, gb=2), _dot(64, 128, 0, gb=4)]
+        c += [_dot(256, 64, 1, warps=8, gb=2), _dot(256, 128, 1, warps=8, gb=2, stages=2)]
     else:
-        c += [{"kernel": "dequant_gemm"}, _dot(128, 128, 0, warps=8), _dot(128, 256, 0, warps=8),
-              _dot(256, 128, 1, warps=8), _dot(128, 128, 1, warps=8), _dot(128, 256, 1, warps=8)]
+        c += [{"kernel": "dequant_gemm"}, _dot(128, 128, 0, warps=8, gb=2), _dot(128, 128, 0, warps=8, gb=4, stages=2),
+              _dot(128, 256, 0, warps=8, gb=2), _dot(256, 128, 1, warps=8, gb=2, stages=2),
+              _dot(128, 128, 1, warps=8, gb=4, stages=2)]
     return c
 
 
 def _effective_split(k: int, g: int, split: int) -> int:
     groups = k // g
-    return max(d for d in range(1, max(1, min(split, groups)) + 1) if groups % d == 0)
+    per = -(-groups // max(1, min(split, groups)))
+    return -(-groups // per)
 
 
 def variant_key(plan: dict, m: int, k: int, g: int, sinv: bool = False, bias: bool = False) -> tuple:
@@ -237,11 +242,13 @@ def variant_key(plan: dict, m: int, k: int, g: int, sinv: bool = False, bias: bo
     if kind == "dequant_gemm":
         return ("dequant", g, sinv, False, plan.get("dq_bn", 32), plan.get("dq_gpp", 2), plan.get("dq_warps", 4))
     ws = _effective_split(k, g, plan.get("split", 1)) > 1
-    if kind == "gemv":
-        bm = 1 << max(0, (m - 1).bit_length())
-        return ("gemv", g, sinv, bias, ws, bm, plan["BN"], plan.get("GPI", 2), plan.get("warps", 4))
+    if kind == "gemv" and m == 1:
+        return ("gemv", g, sinv, bias, ws, plan["BN"], plan.get("GB", 4), plan.get("warps", 4), plan.get("stages", 3))
+    if kind == "gemv":  # more rows than one: gemv() runs the default dot
+        plan = {"BM": 16, "BN": 64, "swap": 1}
+    factor = int(plan.get("factor", 0))
     return ("dot", g, sinv, bias, ws, plan["BM"], plan["BN"], int(plan.get("swap", 0)), plan.get("warps", 4),
-            plan.get("stages", 3), int(plan.get("factor", 0)))
+            plan.get("stages", 3), factor, 1 if factor else plan.get("GB", 1))
 
 
 def all_variant_keys(shapes: list[dict], rows=ROWS, group_size: int = 64, sinv=False, bias=False) -> list[tuple]:
@@ -278,15 +285,15 @@ def _compile_worker(keys: list[tuple]) -> list[str]:
                 kernels.dequantize_into(out, p, sz, n=n, k=k, group_size=g, input_scale_inv=sinv,
                                         cfg={"dq_bn": key[4], "dq_gpp": key[5], "dq_warps": key[6]})
             elif kind == "gemv":
-                bm, bn, gpi, warps = key[5:]
-                x = torch.randn(bm, k, device=dev).to(torch.bfloat16)
+                bn, gb, warps, stages = key[5:]
+                x = torch.randn(1, k, device=dev).to(torch.bfloat16)
                 kernels.gemv(x, p, sz, n=n, k=k, group_size=g, input_scale_inv=sinv, bias=bias,
-                             cfg=_gemv(bn, 2 if ws else 1, gpi, warps))
+                             cfg=_gemv(bn, 2 if ws else 1, gb, warps, stages))
             else:
-                bm, bn, swap, warps, stages, factor = key[5:]
+                bm, bn, swap, warps, stages, factor, gb = key[5:]
                 x = torch.randn(3, k, device=dev).to(torch.bfloat16)
                 kernels.dot(x, p, sz, n=n, k=k, group_size=g, input_scale_inv=sinv, bias=bias,
-                            cfg=_dot(bm, bn, swap, 2 if ws else 1, warps, stages, factor))
+                            cfg=_dot(bm, bn, swap, 2 if ws else 1, warps, stages, factor, gb))
         except Exception as exc:  # a config the card cannot run (e.g. shared memory): skipped later
             errors.append(f"{key}: {type(exc).__name__}: {str(exc)[:200]}")
     torch.cuda.synchronize()
@@ -393,10 +400,10 @@ def install_table(device_name: str, record: dict) -> dict:
 def _plan_label(plan: dict) -> str:
     kind = plan["kernel"]
     if kind == "gemv":
-        return f"gemv BN{plan['BN']} s{plan.get('split', 1)}"
+        return f"gemv BN{plan['BN']} GB{plan.get('GB', 4)} s{plan.get('split', 1)}"
     if kind == "dot":
         return (f"dot{'^T' if plan.get('swap') else ''}{'f' if plan.get('factor') else ''} {plan['BM']}x{plan['BN']}"
-                f" s{plan.get('split', 1)} w{plan.get('warps', 4)}")
+                f" GB{plan.get('GB', 1)} s{plan.get('split', 1)} w{plan.get('warps', 4)}")
     if kind == "dequant_gemm":
         return "dequant+cuBLAS"
     return kind

@@ -247,18 +247,18 @@ def rule_plan(n: int, k: int, m: int, group_size: int, mode: str, sm_count: int 
     groups = k // group_size
     if m > EXACT_FUSED_MAX_ROWS and mode == "exact":
         return {"kernel": "dequant_gemm", **DEQUANT_DEFAULT}
-    if m <= 4:
-        bn = 32 if n >= 2048 else 16
-        programs = math.ceil(n / bn)
-        split = min(8, _pow2_floor(max(1, (2 * sm_count) // programs)), groups)
-        return {"kernel": "gemv", "BN": bn, "split": split, "GPI": 2, "warps": 4}
+    if m == 1:
+        bn = 16
+        split = min(4, _pow2_floor(max(1, (2 * sm_count) // math.ceil(n / bn))), groups)
+        return {"kernel": "gemv", "BN": bn, "GB": 4, "split": split, "warps": 4, "stages": 3}
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        programs = math.ceil(n / 64)
-        split = min(8, _pow2_floor(max(1, sm_count // programs)), groups)
-        return {"kernel": "dot", "BM": bm, "BN": 64, "swap": 1, "split": split, "warps": 4, "stages": 3, "factor": 0}
+        split = min(8, _pow2_floor(max(1, (2 * sm_count) // math.ceil(n / 64))), groups)
+        return {"kernel": "dot", "BM": bm, "BN": 64, "GB": 2, "swap": 1, "split": split, "warps": 4, "stages": 3,
+                "factor": 0}
     if m <= 256:
-        return {"kernel": "dot", "BM": 64, "BN": 128, "swap": 0, "split": 1, "warps": 4, "stages": 3, "factor": 0}
+        return {"kernel": "dot", "BM": 128, "BN": 64, "GB": 2, "swap": 1, "split": 1, "warps": 4, "stages": 3,
+                "factor": 0}
     return {"kernel": "dequant_gemm", **DEQUANT_DEFAULT}
 
 

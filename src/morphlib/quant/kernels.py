@@ -12,8 +12,9 @@ Kernels (``morphlib.quant.int4.kernel_plan`` chooses one per call, deterministic
 * ``dequantize_into``: the weight to bf16 in a caller-given [N, K] buffer, rounding exactly as the
   torch reference ``dequantize_packed`` does (fp32 math, bf16 after the multiply, after the add and
   after the AWQ input scale), so that ``F.linear`` on it is bit-identical to the old large-M path.
-* ``gemv``: few rows (decode). fp32 dequantize-multiply-accumulate on CUDA cores, 4-bit weights read
-  with 16-byte loads; optional split-K (fp32 partials, then a fixed-order reduction: deterministic).
+* ``gemv``: one row (decode). fp32 dequantize-multiply-accumulate on CUDA cores, GB groups per
+  software-pipelined K-step (wide loads of the 4-bit weights); optional split-K (fp32 partials, then a
+  fixed-order reduction: deterministic).
 * ``dot``: a fused W4A16 tiled GEMM (``tl.dot``, bf16 operands, fp32 accumulate); the weight tile is
   dequantized in registers (two weights per instruction), one quantization group per K step;
   ``swap`` computes y^T = W x^T so that a small M is the MMA's N dimension (the weight tile is the
@@ -84,53 +85,71 @@ def _dequant_kernel(P, SZ, SINV, W, N, K, G: tl.constexpr, HAS_SINV: tl.constexp
         tl.store(out + 16, whi.to(tl.bfloat16), mask=mask_g[:, None])
 
 
+@triton.jit
+def _load_step(P, SZ, rows, offs_n, mask_n, g0, t, groups_per_split, n_groups, N, K,
+               G: tl.constexpr, GB: tl.constexpr):
+    """One K-step of GB groups: the [BN, GB*G/2] byte tile (one wide load per row) and the
+    [BN, GB] scales and zeros; groups past the split or past K read as zero weights."""
+    CB: tl.constexpr = GB * G // 2
+    offs_c = tl.arange(0, CB)
+    offs_g = tl.arange(0, GB)
+    gvalid = (t + offs_g < groups_per_split) & (g0 + offs_g < n_groups)
+    cvalid = (t + offs_c // (G // 2) < groups_per_split) & (g0 + offs_c // (G // 2) < n_groups)
+    p = tl.load(P + rows[:, None] * (K // 2) + g0 * (G // 2) + offs_c[None, :],
+                mask=mask_n[:, None] & cvalid[None, :], other=0)
+    sz = SZ + ((g0 + offs_g)[None, :] * N + offs_n[:, None]) * 2
+    mg = mask_n[:, None] & gvalid[None, :]
+    s = tl.load(sz, mask=mg, other=0.0)
+    z = tl.load(sz + 1, mask=mg, other=0.0)
+    return p, s, z, cvalid
+
+
+@triton.jit
+def _scale_groups(q, s, z, BN: tl.constexpr, G: tl.constexpr, GB: tl.constexpr):
+    """q [BN, GB*G/2] (one tile per nibble half) -> q * s + z with each group's own scale and zero."""
+    if GB == 1:
+        return q * s + z
+    else:
+        q3 = tl.reshape(q, (BN, GB, G // 2))
+        return tl.reshape(q3 * s[:, :, None] + z[:, :, None], (BN, GB * G // 2))
+
+
 @triton.jit(do_not_specialize=["M", "groups_per_split"])
 def _gemv_kernel(X, P, SZ, SINV, BIAS, Y, WS, M, N, K, stride_xm, groups_per_split,
-                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GPI: tl.constexpr,
+                 G: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr, NS: tl.constexpr,
                  HAS_SINV: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
+    """One activation row (M == 1): fp32 dequantize-multiply-accumulate on CUDA cores, GB groups
+    per software-pipelined K-step (NS stages)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    offs_m = tl.arange(0, BM)
-    mask_m = offs_m < M
-    offs_c = tl.arange(0, G // 2)
+    CB: tl.constexpr = GB * G // 2
+    offs_c = tl.arange(0, CB)
     k_lo = offs_c + 16 * (offs_c // 16)
     n_groups = K // G
     g_start = pid_s * groups_per_split
     rows = offs_n.to(tl.int64)
-    if BM == 1:
-        acc = tl.zeros([BN, G // 2], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BN, G // 2], dtype=tl.float32)
-    for t in range(0, groups_per_split, GPI):
-        for i in tl.static_range(GPI):
-            gi = g_start + t + i
-            gv = (t + i < groups_per_split) & (gi < n_groups)
-            p = tl.load(P + rows[:, None] * (K // 2) + gi * (G // 2) + offs_c[None, :],
-                        mask=mask_n[:, None] & gv, other=0)
-            s = tl.load(SZ + (gi * N + offs_n) * 2, mask=mask_n & gv, other=0.0).to(tl.float32)
-            z = tl.load(SZ + (gi * N + offs_n) * 2 + 1, mask=mask_n & gv, other=0.0).to(tl.float32)
-            lo, hi = _nibbles(p)
-            wlo = lo * s[:, None] + z[:, None]
-            whi = hi * s[:, None] + z[:, None]
-            kk = gi * G + k_lo
-            xlo = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & gv, other=0.0).to(tl.float32)
-            xhi = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :] + 16, mask=mask_m[:, None] & gv, other=0.0).to(tl.float32)
-            if HAS_SINV:
-                xlo = xlo * tl.load(SINV + kk, mask=gv, other=0.0).to(tl.float32)[None, :]
-                xhi = xhi * tl.load(SINV + kk + 16, mask=gv, other=0.0).to(tl.float32)[None, :]
-            if BM == 1:  # two separate FMAs per weight pair (no FMUL + FADD)
-                acc = acc + xlo * wlo
-                acc = acc + xhi * whi
-            else:
-                acc = acc + xlo[:, None, :] * wlo[None, :, :]
-                acc = acc + xhi[:, None, :] * whi[None, :, :]
-    if BM == 1:
-        y = tl.reshape(tl.sum(acc, axis=1), (1, BN))
-    else:
-        y = tl.sum(acc, axis=2)
-    mask = mask_m[:, None] & mask_n[None, :]
+    acc = tl.zeros([BN, CB], dtype=tl.float32)
+    for t in tl.range(0, groups_per_split, GB, num_stages=NS):
+        g0 = g_start + t
+        p, s, z, cvalid = _load_step(P, SZ, rows, offs_n, mask_n, g0, t, groups_per_split, n_groups, N, K, G, GB)
+        kk = g0 * G + k_lo
+        xlo = tl.load(X + kk, mask=cvalid, other=0.0).to(tl.float32)
+        xhi = tl.load(X + kk + 16, mask=cvalid, other=0.0).to(tl.float32)
+        if HAS_SINV:
+            xlo = xlo * tl.load(SINV + kk, mask=cvalid, other=0.0).to(tl.float32)
+            xhi = xhi * tl.load(SINV + kk + 16, mask=cvalid, other=0.0).to(tl.float32)
+        lo, hi = _nibbles(p)
+        sf = s.to(tl.float32)
+        zf = z.to(tl.float32)
+        wlo = _scale_groups(lo, sf, zf, BN, G, GB)
+        whi = _scale_groups(hi, sf, zf, BN, G, GB)
+        acc = acc + xlo[None, :] * wlo  # two separate FMAs per weight pair
+        acc = acc + xhi[None, :] * whi
+    y = tl.reshape(tl.sum(acc, axis=1), (1, BN))
+    offs_m = tl.arange(0, 1)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if USE_WS:
         tl.store(WS + (pid_s * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=mask)
     else:
@@ -151,11 +170,11 @@ def _nibbles_bf16(p):
 
 @triton.jit(do_not_specialize=["M", "groups_per_split"])
 def _dot_kernel(X, P, SZ, SINV, BIAS, Y, WS, M, N, K, stride_xm, groups_per_split,
-                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, FACTOR: tl.constexpr,
-                HAS_SINV: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
-    """FACTOR=False: w = bf16(bf16((q - 8) * s) + z) in the tile, acc += x w^T (bf16 MMA, fp32 acc).
-    FACTOR=True: the MMA multiplies the exact integers q - 8; each group's fp32 partial is scaled
-    after it: acc += s * (x (q - 8)^T) + z * sum(x) (fewer instructions per weight; small M)."""
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr, SWAP: tl.constexpr,
+                FACTOR: tl.constexpr, HAS_SINV: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
+    """K-steps of GB groups. FACTOR=False: w = bf16(bf16((q - 8) * s) + z) in the tile, acc += x w^T
+    (bf16 MMA, fp32 acc). FACTOR=True (GB == 1): the MMA multiplies the exact integers q - 8 and each
+    group's fp32 partial is scaled after it: acc += s * (x (q - 8)^T) + z * sum(x)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -163,8 +182,10 @@ def _dot_kernel(X, P, SZ, SINV, BIAS, Y, WS, M, N, K, stride_xm, groups_per_spli
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_c = tl.arange(0, G // 2)
+    CB: tl.constexpr = GB * G // 2
+    offs_c = tl.arange(0, CB)
     k_lo = offs_c + 16 * (offs_c // 16)
+    n_groups = K // G
     g_start = pid_s * groups_per_split
     rows = offs_n.to(tl.int64)
     xrows = offs_m.to(tl.int64)
@@ -172,22 +193,22 @@ def _dot_kernel(X, P, SZ, SINV, BIAS, Y, WS, M, N, K, stride_xm, groups_per_spli
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t in range(0, groups_per_split):  # the launcher makes every split end inside K
-        gi = g_start + t
-        p = tl.load(P + rows[:, None] * (K // 2) + gi * (G // 2) + offs_c[None, :], mask=mask_n[:, None], other=0)
-        s = tl.load(SZ + (gi * N + offs_n) * 2, mask=mask_n, other=0.0)
-        z = tl.load(SZ + (gi * N + offs_n) * 2 + 1, mask=mask_n, other=0.0)
-        xp = X + xrows[:, None] * stride_xm + gi * G + k_lo[None, :]
-        xlo = tl.load(xp, mask=mask_m[:, None], other=0.0)
-        xhi = tl.load(xp + 16, mask=mask_m[:, None], other=0.0)
+    for t in range(0, groups_per_split, GB):
+        g0 = g_start + t
+        p, s, z, cvalid = _load_step(P, SZ, rows, offs_n, mask_n, g0, t, groups_per_split, n_groups, N, K, G, GB)
+        xp = X + xrows[:, None] * stride_xm + g0 * G + k_lo[None, :]
+        xmask = mask_m[:, None] & cvalid[None, :]
+        xlo = tl.load(xp, mask=xmask, other=0.0)
+        xhi = tl.load(xp + 16, mask=xmask, other=0.0)
         if HAS_SINV:
-            xlo = (xlo.to(tl.float32) * tl.load(SINV + gi * G + k_lo).to(tl.float32)[None, :]).to(tl.bfloat16)
-            xhi = (xhi.to(tl.float32) * tl.load(SINV + gi * G + k_lo + 16).to(tl.float32)[None, :]).to(tl.bfloat16)
+            kk = g0 * G + k_lo
+            xlo = (xlo.to(tl.float32) * tl.load(SINV + kk, mask=cvalid, other=0.0).to(tl.float32)[None, :]).to(tl.bfloat16)
+            xhi = (xhi.to(tl.float32) * tl.load(SINV + kk + 16, mask=cvalid, other=0.0).to(tl.float32)[None, :]).to(tl.bfloat16)
         qlo, qhi = _nibbles_bf16(p)
         if FACTOR:
             xs = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)  # [BM]
-            sf = s.to(tl.float32)
-            zf = z.to(tl.float32)
+            sf = tl.reshape(s.to(tl.float32), (BN,))
+            zf = tl.reshape(z.to(tl.float32), (BN,))
             if SWAP:
                 part = tl.dot(qlo, tl.trans(xlo))
                 part = tl.dot(qhi, tl.trans(xhi), part)
@@ -197,8 +218,8 @@ def _dot_kernel(X, P, SZ, SINV, BIAS, Y, WS, M, N, K, stride_xm, groups_per_spli
                 part = tl.dot(xhi, tl.trans(qhi), part)
                 acc += part * sf[None, :] + xs[:, None] * zf[None, :]
         else:
-            wlo = qlo * s[:, None] + z[:, None]
-            whi = qhi * s[:, None] + z[:, None]
+            wlo = _scale_groups(qlo, s, z, BN, G, GB)
+            whi = _scale_groups(qhi, s, z, BN, G, GB)
             if SWAP:
                 acc = tl.dot(wlo, tl.trans(xlo), acc)
                 acc = tl.dot(whi, tl.trans(xhi), acc)
@@ -258,11 +279,11 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scale_zero: torch.T
 
 
 def _split_groups(k: int, group_size: int, split: int) -> tuple[int, int]:
-    """(splits, groups per split): the largest divisor of K/g not above ``split``, so that every
-    split covers whole groups and ends inside K."""
+    """(splits, groups per split): splits of whole groups (the last one may be shorter; kernels mask
+    the groups past K)."""
     n_groups = k // group_size
-    split = max(d for d in range(1, max(1, min(split, n_groups)) + 1) if n_groups % d == 0)
-    return split, n_groups // split
+    per = triton.cdiv(n_groups, max(1, min(split, n_groups)))
+    return triton.cdiv(n_groups, per), per
 
 
 def _finish(ws, bias, y, m, n, split):
@@ -274,9 +295,11 @@ def _finish(ws, bias, y, m, n, split):
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, *, n: int, k: int, group_size: int,
          cfg: dict, input_scale_inv=None, bias=None) -> torch.Tensor:
-    """y = x W^T for a few rows (CUDA-core kernel; see module doc)."""
+    """y = x W^T for one row (CUDA-core kernel; see module doc). More rows: ``dot``."""
     m = x.shape[0]
-    bm = triton.next_power_of_2(m)
+    if m != 1:
+        return dot(x, packed, scale_zero, n=n, k=k, group_size=group_size, cfg={"BM": 16, "BN": 64, "swap": 1},
+                   input_scale_inv=input_scale_inv, bias=bias)
     bn = cfg["BN"]
     split, per = _split_groups(k, group_size, cfg.get("split", 1))
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
@@ -285,9 +308,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, *, n: 
     _gemv_kernel[(triton.cdiv(n, bn), split)](
         x, packed, scale_zero, d if input_scale_inv is None else input_scale_inv,
         d if bias is None else bias, y, ws, m, n, k, x.stride(0), per,
-        G=group_size, BM=bm, BN=bn, GPI=cfg.get("GPI", 2), HAS_SINV=input_scale_inv is not None,
-        HAS_BIAS=bias is not None, USE_WS=split > 1, num_warps=cfg.get("warps", 4),
-        num_stages=cfg.get("stages", 1))
+        G=group_size, BN=bn, GB=cfg.get("GB", 4), NS=cfg.get("stages", 3), HAS_SINV=input_scale_inv is not None,
+        HAS_BIAS=bias is not None, USE_WS=split > 1, num_warps=cfg.get("warps", 4))
     if split > 1:
         _finish(ws, bias, y, m, n, split)
     return y
@@ -305,7 +327,8 @@ def dot(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, *, n: i
     _dot_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
         x, packed, scale_zero, d if input_scale_inv is None else input_scale_inv,
         d if bias is None else bias, y, ws, m, n, k, x.stride(0), per,
-        G=group_size, BM=bm, BN=bn, SWAP=bool(cfg.get("swap", 0)), FACTOR=bool(cfg.get("factor", 0)),
+        G=group_size, BM=bm, BN=bn, GB=1 if cfg.get("factor", 0) else cfg.get("GB", 1),
+        SWAP=bool(cfg.get("swap", 0)), FACTOR=bool(cfg.get("factor", 0)),
         HAS_SINV=input_scale_inv is not None,
         HAS_BIAS=bias is not None, USE_WS=split > 1, num_warps=cfg.get("warps", 4),
         num_stages=cfg.get("stages", 3))
