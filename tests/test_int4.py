@@ -83,6 +83,20 @@ def test_kernel_plan_is_deterministic_with_rules_and_exact_mode():
         int4.kernel_plan("NVIDIA H200", 64, 64, 1, 64, "fastest")
 
 
+def test_table_lookup_rounds_rows_up_to_the_next_tuned_count():
+    table = int4.tuning_table()["devices"].get("NVIDIA H200")
+    if not table:
+        pytest.skip("no H200 table shipped")
+    entries = table["entries"]["4096x4096/g64"]
+    for m, bucket in ((1, "1"), (3, "4"), (5, "8"), (16, "16"), (17, "32"), (300, "512"), (9999, "2048")):
+        plan = int4.kernel_plan("NVIDIA H200", 4096, 4096, m, 64, "fast")
+        want = {k: v for k, v in entries[bucket].items() if k != "us"}
+        assert plan["source"] == "table" and {k: plan[k] for k in want} == want, (m, plan)
+    # a card of the same capability and SM count (H100 SXM) reads the H200 table; exact mode stays exact
+    assert int4.kernel_plan("NVIDIA H100 80GB HBM3", 4096, 4096, 1, 64, capability=(9, 0), sm_count=132)["source"] == "table"
+    assert int4.kernel_plan("NVIDIA H200", 4096, 4096, 300, 64, "exact")["kernel"] == "dequant_gemm"
+
+
 def test_shipped_tuning_table_is_well_formed():
     from morphlib.quant import bench
 

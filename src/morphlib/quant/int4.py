@@ -243,22 +243,25 @@ DEQUANT_DEFAULT = {"dq_bn": 32, "dq_gpp": 2, "dq_warps": 4}
 
 
 def rule_plan(n: int, k: int, m: int, group_size: int, mode: str, sm_count: int = 132) -> dict:
-    """Rule-based kernel choice for cards and shapes the tuning table does not list."""
-    groups = k // group_size
+    """Rule-based kernel choice for cards and shapes the tuning table does not list (distilled from
+    the H200 table: what won there, by weight size and row count)."""
     if m > EXACT_FUSED_MAX_ROWS and mode == "exact":
         return {"kernel": "dequant_gemm", **DEQUANT_DEFAULT}
-    if m == 1:
-        bn = 16
-        split = min(4, _pow2_floor(max(1, (2 * sm_count) // math.ceil(n / bn))), groups)
-        return {"kernel": "gemv", "BN": bn, "GB": 4, "split": split, "warps": 4, "stages": 3}
+    big = n * k >= (1 << 24)  # >= 16 M weights (Llama-7B projections): wgmma kernel with split-K
+    if m == 1 and not big:
+        return {"kernel": "gemv", "BN": 8 if n >= 1024 else 16, "GB": 8, "split": 4 if (k >= 4096 or n <= 256) else 1,
+                "warps": 2 if n >= 1024 else 4, "stages": 3}
+    if m <= 16:
+        if n * k < (1 << 20):  # tiny (SmolLM-sized): mma.sync tiles, no split-K pass
+            return {"kernel": "dot", "BM": 16, "BN": 32, "GB": 4, "swap": 0, "split": 1, "warps": 4, "stages": 3,
+                    "factor": 0}
+        split = 2 if n >= 8192 else 4
+        return {"kernel": "dot", "BM": 16, "BN": 64, "GB": 4, "swap": 1, "split": split, "warps": 4, "stages": 3,
+                "factor": 0}
     if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        split = min(8, _pow2_floor(max(1, (2 * sm_count) // math.ceil(n / 64))), groups)
-        return {"kernel": "dot", "BM": bm, "BN": 64, "GB": 2, "swap": 1, "split": split, "warps": 4, "stages": 3,
-                "factor": 0}
-    if m <= 256:
-        return {"kernel": "dot", "BM": 128, "BN": 64, "GB": 2, "swap": 1, "split": 1, "warps": 4, "stages": 3,
-                "factor": 0}
+        bm = 32 if m <= 32 else 64
+        return {"kernel": "dot", "BM": bm, "BN": 64, "GB": 4 if m <= 32 else 2, "swap": 1,
+                "split": 2 if n >= 8192 else 4, "warps": 4, "stages": 3, "factor": 0}
     return {"kernel": "dequant_gemm", **DEQUANT_DEFAULT}
 
 
