@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from morphlib.errors import MorphError
-from morphlib.quant.int4 import (Int4Linear, dequantize_groupwise, int4_nbytes, pack, quantize_groupwise,
-                           unpack)
+from morphlib.quant import int4
+from morphlib.quant.int4 import (Int4Linear, dequantize_groupwise, dequantize_packed, int4_nbytes, pack,
+                                 packed_specs, quantize_groupwise, unpack)
 from morphlib.models import decoder_layers, layer_linears
 
 
@@ -29,11 +31,85 @@ def pack_tinygemm_reference(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
-@pytest.mark.parametrize("layout", ["plain", "cpu"])
+@pytest.mark.parametrize("layout", ["plain", "cpu", "triton"])
 @pytest.mark.parametrize("shape", [(64, 64), (192, 576), (1536, 576), (576, 1536)])
 def test_layouts_round_trip(layout, shape):
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
-    torch.testing.assert_close(unpack(pack(q, layout), layout, *shape), q, rtol=0, atol=0)
+    packed = pack(q, layout)
+    torch.testing.assert_close(unpack(packed, layout, *shape), q, rtol=0, atol=0)
+    spec_shape, spec_dtype = packed_specs(shape[0], shape[1], 64, layout)["packed"]
+    assert tuple(packed.shape) == spec_shape and packed.dtype == spec_dtype
+
+
+def test_triton_layout_pairs_k_and_k_plus_16():
+    """Byte j of each 16-byte block holds k = 32b + j (low nibble) and k = 32b + 16 + j (high nibble)."""
+    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
+    p = pack(q, "triton")
+    for b in range(3):
+        for j in range(16):
+            assert int(p[1, 16 * b + j]) == int(q[1, 32 * b + j]) | (int(q[1, 32 * b + 16 + j]) << 4)
+
+
+@pytest.mark.parametrize("layout", ["plain", "cpu", "triton", "tinygemm"])
+@pytest.mark.parametrize("n,k,g", [(576, 576, 64), (1536, 576, 32), (4096, 11008, 128), (256, 2048, 256)])
+def test_packed_specs_bytes_are_exact(layout, n, k, g):
+    if layout == "tinygemm" and k % 64:
+        pytest.skip("tinygemm needs K % 64 here")
+    specs = packed_specs(n, k, g, layout)
+    nbytes = sum(torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size() for shape, dtype in specs.values())
+    assert nbytes == int4_nbytes(n, k, g) == n * k // 2 + 4 * n * (k // g)
+
+
+def test_device_layouts():
+    assert int4.choose_layout(576, 576, torch.device("cpu")) == "cpu"
+    assert int4.choose_layout(200, 576, torch.device("cpu")) == "plain"
+    assert int4.choose_layout(200, 576, torch.device("cuda")) == "triton"
+
+
+def test_kernel_plan_is_deterministic_with_rules_and_exact_mode():
+    """Kernel choice: a pure function of (device, N, K, M, g, mode); exact mode never fuses above 16 rows."""
+    for name in ("NVIDIA H200", "Some Unknown GPU"):
+        for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (1000, 640)]:
+            for m in (1, 2, 3, 8, 16, 17, 100, 512, 5000):
+                for mode in int4.MODES:
+                    a = int4.kernel_plan(name, n, k, m, 64, mode, capability=(9, 0), sm_count=132)
+                    b = int4.kernel_plan(name, n, k, m, 64, mode, capability=(9, 0), sm_count=132)
+                    assert a == b
+                    assert a["kernel"] in ("gemv", "dot", "dequant_gemm")
+                    if mode == "exact" and m > int4.EXACT_FUSED_MAX_ROWS:
+                        assert a["kernel"] == "dequant_gemm"
+    assert int4.kernel_plan("Some Unknown GPU", 4096, 4096, 1, 64, sm_count=132)["source"] == "rules"
+    with pytest.raises(MorphError, match="unknown INT4 mode"):
+        int4.kernel_plan("NVIDIA H200", 64, 64, 1, 64, "fastest")
+
+
+def test_table_lookup_rounds_rows_up_to_the_next_tuned_count():
+    table = int4.tuning_table()["devices"].get("NVIDIA H200")
+    if not table:
+        pytest.skip("no H200 table shipped")
+    entries = table["entries"]["4096x4096/g64"]
+    for m, bucket in ((1, "1"), (3, "4"), (5, "8"), (16, "16"), (17, "32"), (300, "512"), (9999, "2048")):
+        plan = int4.kernel_plan("NVIDIA H200", 4096, 4096, m, 64, "fast")
+        want = {k: v for k, v in entries[bucket].items() if k != "us"}
+        assert plan["source"] == "table" and {k: plan[k] for k in want} == want, (m, plan)
+    # a card of the same capability and SM count (H100 SXM) reads the H200 table; exact mode stays exact
+    assert int4.kernel_plan("NVIDIA H100 80GB HBM3", 4096, 4096, 1, 64, capability=(9, 0), sm_count=132)["source"] == "table"
+    assert int4.kernel_plan("NVIDIA H200", 4096, 4096, 300, 64, "exact")["kernel"] == "dequant_gemm"
+
+
+def test_shipped_tuning_table_is_well_formed():
+    from morphlib.quant import bench
+
+    table = int4.tuning_table()
+    for name, dev in table.get("devices", {}).items():
+        assert len(dev["capability"]) == 2 and dev["sm_count"] > 0, name
+        for key, entries in dev["entries"].items():
+            n, rest = key.split("x")
+            k, g = rest.split("/g")
+            assert int(k) % int(g) == 0
+            assert set(entries["dequant"]) == {"dq_bn", "dq_gpp", "dq_warps"}
+            for m in bench.ROWS:
+                assert entries[str(m)]["kernel"] in ("gemv", "dot", "dequant_gemm"), (name, key, m)
 
 
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
@@ -78,7 +154,7 @@ def test_int4_linear_matches_dequantized_reference(model, batch, group_size, dev
     for name, lin in _real_linears(model):
         weight = lin.weight.to(device)
         q = Int4Linear.from_weight(weight, group_size=group_size)
-        assert q.layout == ("tinygemm" if device == "cuda" else "cpu")
+        assert q.layout == ("triton" if device == "cuda" else "cpu")
         x = torch.randn(batch, lin.in_features, dtype=torch.bfloat16, device=device)
         ref = x.double() @ q.dequantize(torch.float64).t()
         out = q(x).double()
@@ -126,3 +202,30 @@ def test_bad_group_size_is_a_one_line_error():
     assert "\n" not in str(exc.value)
     with pytest.raises(MorphError, match="not supported"):
         quantize_groupwise(torch.randn(64, 576), 48)
+
+
+def test_cpu_large_batch_path_is_the_torch_reference():
+    """CPU, above the fused-kernel rows: exactly F.linear on the torch-dequantized weight."""
+    torch.manual_seed(0)
+    w = torch.randn(192, 576) * 0.02
+    lin = Int4Linear.from_weight(w, group_size=64, input_scale=torch.rand(576) + 0.5)
+    x = torch.randn(200, 576).to(torch.bfloat16)
+    ref = F.linear(x, dequantize_packed(lin.packed, lin.scale_zero, n=192, k=576, group_size=64, layout="cpu",
+                                        input_scale_inv=lin.input_scale_inv))
+    assert torch.equal(lin(x), ref)
+
+
+def test_bench_runs_on_cpu_and_reports_the_headline(tmp_path):
+    import json
+
+    from morphlib.cli import main
+    from morphlib.quant import bench
+
+    res = bench.run_bench(shapes=[{"model": "llama-2-7b", "n": 128, "k": 256, "linears": ["toy"]}], rows=[1, 8, 200],
+                          device="cpu", log=lambda *a: None)
+    assert res["cpu"] and res["device"] == "CPU" and len(res["rows"]) == 3
+    assert {"worst_time_ratio_rows_1", "worst_time_ratio_rows_le_8"} <= set(res["headline"])
+    out = tmp_path / "b.json"
+    main(["bench", "--n", "128", "--k", "256", "--rows", "1", "4", "--device", "cpu", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["m"] for r in data["rows"]] == [1, 4] and data["cpu"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -55,28 +54,36 @@ def _layer_costs(args) -> None:
 
 
 def _bench(args) -> None:
-    import torch.utils.benchmark as tb
+    import json
 
-    from morphlib.quant.int4 import KERNEL_MAX_TOKENS, Int4Linear
-    from morphlib.models import resolve_device
+    from morphlib.errors import MorphError
+    from morphlib.quant import bench as qb
 
-    dev = resolve_device(args.device)  # default: CUDA when available; 'cuda' without a GPU is a one-line error
-    n, k = args.n, args.k
-    lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-    q = Int4Linear.from_linear(lin, group_size=args.group_size)
-    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, N={n} K={k} "
-          f"g{args.group_size}, layout {q.layout}; current kernel threshold {KERNEL_MAX_TOKENS[dev.type]} rows")
-    print(f"{'rows':>5} {'bf16 ms':>8} {'int4 kernel/bf16':>16} {'dequant+gemm/bf16':>17}")
-    for m in args.rows:
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        g = dict(torch=torch, x=x, q=q, lin=lin)
-        kern = ("torch.ops.aten._weight_int4pack_mm(x, q.packed, q.group_size, q.scale_zero)" if q.layout == "tinygemm"
-                else "torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, q.scale_zero)")
-        t_bf16 = tb.Timer("lin(x)", globals=g).blocked_autorange(min_run_time=0.2).median
-        t_kern = (tb.Timer(kern, globals=g).blocked_autorange(min_run_time=0.2).median
-                  if q.layout in ("tinygemm", "cpu") else math.nan)
-        t_deq = tb.Timer("torch.nn.functional.linear(x, q.dequantize())", globals=g).blocked_autorange(min_run_time=0.2).median
-        print(f"{m:>5} {t_bf16 * 1e3:>8.3f} {t_kern / t_bf16:>16.2f} {t_deq / t_bf16:>17.2f}")
+    shapes = None
+    if args.n is not None or args.k is not None:  # one shape (the old interface)
+        if args.n is None or args.k is None:
+            raise MorphError("--n and --k go together")
+        shapes = [{"model": "custom", "n": args.n, "k": args.k, "linears": ["custom"]}]
+    if args.tune:
+        from morphlib.quant import int4
+
+        record = qb.run_tune(models=args.models, shapes=shapes, rows=args.rows, group_sizes=args.group_sizes,
+                             device=args.device, deadline_s=args.tune_deadline)
+        name = torch.cuda.get_device_name(args.device or 0)
+        table = qb.install_table(name, record)
+        out = args.table_out or str(int4.TABLE_PATH)
+        with open(out, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        print(f"tuning table for {name} written to {out}")
+    results = []
+    for g in args.group_sizes:
+        results.append(qb.run_bench(models=args.models, shapes=shapes, rows=args.rows, group_size=g,
+                                    device=args.device, mode=args.mode))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results[0] if len(results) == 1 else {"runs": results, "headline": results[0]["headline"]},
+                      f, indent=1, default=str)
+        print(f"wrote {args.json}")
 
 
 @one_line_errors
@@ -96,11 +103,21 @@ def main(argv=None) -> None:
     lc.add_argument("--seed", type=int, default=0)
     lc.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers (default: all)")
     lc.add_argument("--device", default=None)
-    bench = sub.add_parser("bench", help="INT4 kernel and dequantize+GEMM time relative to bf16, per row count")
-    bench.add_argument("--n", type=int, default=1536)
-    bench.add_argument("--k", type=int, default=576)
-    bench.add_argument("--group-size", type=int, default=64)
-    bench.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 512])
+    bench = sub.add_parser("bench", help="INT4 linear vs bf16 F.linear: time ratios per shape and row count, "
+                           "the kernel chosen, tinygemm for reference, bandwidth at 1 row (CPU: CPU layout vs bf16)")
+    bench.add_argument("--models", nargs="+", default=None,
+                       help="model shapes (default: llama-2-7b tinyllama-1.1b smollm2-135m on CUDA, smollm2-135m on CPU)")
+    bench.add_argument("--n", type=int, default=None, help="one weight shape instead of --models: output features")
+    bench.add_argument("--k", type=int, default=None, help="one weight shape instead of --models: input features")
+    bench.add_argument("--group-size", dest="group_sizes", type=int, nargs="+", default=[64])
+    bench.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
+    bench.add_argument("--mode", default="fast", choices=["fast", "exact"],
+                       help="kernel choice to time: fast (engine, default) or exact (chapters; bit-exact above 16 rows)")
+    bench.add_argument("--json", default=None, help="write every row and the headline to this JSON file")
+    bench.add_argument("--tune", action="store_true",
+                       help="first measure candidate kernels and write this card's tuning table (CUDA)")
+    bench.add_argument("--table-out", default=None, help="with --tune: where to write the table (default: the package's)")
+    bench.add_argument("--tune-deadline", type=float, default=None, help="with --tune: stop tuning new shapes after this many s")
     bench.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     {"layer-costs": _layer_costs, "bench": _bench}[args.cmd](args)
