@@ -1,0 +1,50 @@
+"""Benchmark: INT4 linear kernels against bf16 at every row count, on the linear shapes of real models.
+
+Wraps ``morphlib.quant.bench.run_bench`` so that its numbers are published like a chapter's
+(``results/kernels/summary.json`` with provenance). Headline: the worst INT4/bf16 time ratio over
+the Llama-2-7B shapes per row band (1 row, <= 8, 16-256, 512-2048), each with its target and whether
+it was met, in the engine's "fast" dispatch and in the chapters' bit-exact "exact" dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphlib.errors import MorphError
+from morphlib.quant.bench import MODELS, ROWS, run_bench
+
+DEFAULTS = {"gpu": dict(models=MODELS, rows=ROWS), "cpu": dict(models=("smollm2-135m",), rows=(1, 8, 64, 512))}
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str
+    models: tuple[str, ...] = MODELS  # shapes of morphlib.shapes.SHAPES whose linears are timed
+    rows: tuple[int, ...] = ROWS
+    group_size: int = 64
+    mode: str = "fast"  # the dispatch timed as "the chosen kernel" ("exact" is timed beside it on CUDA)
+
+    def __post_init__(self):
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        if not self.rows or min(self.rows) < 1:
+            raise MorphError(f"rows must be positive integers, got {list(self.rows)}")
+        if self.mode not in ("fast", "exact"):
+            raise MorphError(f"mode must be 'fast' or 'exact', got {self.mode!r}")
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "Config":
+        return config_for_profile(cls, profile, DEFAULTS, overrides)
+
+
+def run(cfg: Config) -> Result:
+    with Stopwatch() as sw:
+        out = run_bench(models=cfg.models, rows=cfg.rows, group_size=cfg.group_size, mode=cfg.mode)
+    head = out["headline"]
+    headline = dict(head)  # worst_time_ratio_rows_1, ..._le_8, ..._16_256, ..._512_2048
+    for band, v in (out.get("headline_exact_mode") or {}).items():
+        headline[f"exact_mode_{band}"] = v
+    headline.update(device=out["device"], copy_gbps=out.get("copy_gbps"), mode=out["mode"])
+    return Result(as_params(cfg, device=out["device"], triton=out.get("triton")), headline,
+                  {"rows.json": out["rows"]}, sw.seconds)
