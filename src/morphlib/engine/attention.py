@@ -81,14 +81,14 @@ def _kernels():
 
     @triton.jit
     def decode_kernel(q_ptr, kv_ptr, base_ptr, bt_ptr, bt_stride, ctx_ptr, out_ptr, part_ptr, ml_ptr,
-                      scale, k_off, v_off, NH,
+                      scale, k_off, v_off, NH, splits,
                       G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, KVD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kh = tl.program_id(1)
         sp = tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
-        per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        per = tl.cdiv(tl.cdiv(ctx, splits), BLOCK_N) * BLOCK_N
         start = sp * per
         end = tl.minimum(ctx, start + per)
         g = tl.arange(0, GP)
@@ -115,29 +115,30 @@ def _kernels():
             v = tl.load(kv_ptr + v_off + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
-        if SPLITS == 1:
+        if not SPLIT:
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + b * NH * HD + hq[:, None] * HD + d[None, :], o.to(out_ptr.dtype.element_ty),
                      mask=mq[:, None])
         else:
-            idx = (b * NH + hq) * SPLITS + sp
+            idx = (b * NH + hq) * splits + sp
             tl.store(part_ptr + idx[:, None] * HD + d[None, :], acc, mask=mq[:, None])
             tl.store(ml_ptr + idx * 2, m_i, mask=mq)
             tl.store(ml_ptr + idx * 2 + 1, l_i, mask=mq)
 
     @triton.jit
-    def merge_kernel(part_ptr, ml_ptr, out_ptr, NH, HD: tl.constexpr, SPLITS: tl.constexpr):
+    def merge_kernel(part_ptr, ml_ptr, out_ptr, NH, splits, HD: tl.constexpr, MAXS: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
-        sp = tl.arange(0, SPLITS)
+        sp = tl.arange(0, MAXS)
+        ms = sp < splits
         d = tl.arange(0, HD)
-        idx = (b * NH + h) * SPLITS + sp
-        m = tl.load(ml_ptr + idx * 2)
-        l = tl.load(ml_ptr + idx * 2 + 1)
+        idx = (b * NH + h) * splits + sp
+        m = tl.load(ml_ptr + idx * 2, mask=ms, other=float("-inf"))
+        l = tl.load(ml_ptr + idx * 2 + 1, mask=ms, other=0.0)
         mx = tl.max(m, 0)
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
         den = tl.sum(l * w, 0)
-        acc = tl.load(part_ptr + idx[:, None] * HD + d[None, :])
+        acc = tl.load(part_ptr + idx[:, None] * HD + d[None, :], mask=ms[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
         tl.store(out_ptr + b * NH * HD + h * HD + d, o.to(out_ptr.dtype.element_ty))
 
@@ -190,10 +191,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+MAX_SPLITS = 16
+
+
 def decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
     """Context splits so that the decode grid fills the GPU (1 when batch x KV heads already does)."""
     s = 1
-    while batch * num_kv_heads * s * 2 <= num_sms and s < 16:
+    while batch * num_kv_heads * s * 2 <= num_sms and s < MAX_SPLITS:
         s *= 2
     return s
 
@@ -207,19 +211,19 @@ def attention_decode(q, kv, k_off, v_off, meta: AttnMeta, block_base, block_size
     out = torch.empty((b, nh, hd), dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_n = max(block_n, block_size)
+    splits = max(1, min(int(splits), MAX_SPLITS))
+    kw = dict(G=g, GP=max(16, _pow2(g)), HD=hd, BS=block_size, KVD=num_kv_heads * hd, BLOCK_N=block_n, PREC=prec,
+              num_warps=4)
+    bt = meta.block_tables
     if splits == 1:
-        dec[(b, num_kv_heads, 1)](q, kv, block_base, meta.block_tables, meta.block_tables.stride(0), meta.ctx_len,
-                                  out, out, out, scale, k_off, v_off, nh, G=g, GP=max(16, _pow2(g)), HD=hd,
-                                  BS=block_size, KVD=num_kv_heads * hd, BLOCK_N=block_n, SPLITS=1, PREC=prec,
-                                  num_warps=4)
+        dec[(b, num_kv_heads, 1)](q, kv, block_base, bt, bt.stride(0), meta.ctx_len, out, out, out, scale, k_off,
+                                  v_off, nh, 1, SPLIT=False, **kw)
     else:
         part = torch.empty((b, nh, splits, hd), dtype=torch.float32, device=q.device)
         ml = torch.empty((b, nh, splits, 2), dtype=torch.float32, device=q.device)
-        dec[(b, num_kv_heads, splits)](q, kv, block_base, meta.block_tables, meta.block_tables.stride(0),
-                                       meta.ctx_len, out, part, ml, scale, k_off, v_off, nh, G=g,
-                                       GP=max(16, _pow2(g)), HD=hd, BS=block_size, KVD=num_kv_heads * hd,
-                                       BLOCK_N=block_n, SPLITS=splits, PREC=prec, num_warps=4)
-        merge[(b, nh)](part, ml, out, nh, HD=hd, SPLITS=splits, num_warps=1)
+        dec[(b, num_kv_heads, splits)](q, kv, block_base, bt, bt.stride(0), meta.ctx_len, out, part, ml, scale,
+                                       k_off, v_off, nh, splits, SPLIT=True, **kw)
+        merge[(b, nh)](part, ml, out, nh, splits, HD=hd, MAXS=MAX_SPLITS, num_warps=1)
     return out.reshape(b, nh * hd)
 
 

@@ -40,7 +40,9 @@ class EngineConfig:
         "preempt" (the sequences holding them are preempted, recompute later).
     cuda_graphs: capture decode steps as CUDA graphs per (morph state, batch bucket).
     attention: "auto" (Triton kernels on CUDA, the torch reference on CPU), "triton" or "torch".
-    swappable: layers that keep pinned host copies of both precisions (None: all layers).
+    swappable: layers that can be swapped: their INT4 bytes wait in pinned host memory (None: all layers).
+    restorable: swappable layers whose 16-bit bytes also wait in pinned host memory, so that they can
+        be restored (None: all swappable layers; a benchmark that only swaps may save the host memory).
     workspace_margin: extra fraction on top of the measured workspace.
     """
 
@@ -60,6 +62,7 @@ class EngineConfig:
     graph_buckets: tuple[int, ...] | None = None
     attention: str = "auto"
     swappable: tuple[int, ...] | None = None
+    restorable: tuple[int, ...] | None = None
     workspace_margin: float = 0.10
     seed: int = 0
 

@@ -13,6 +13,8 @@ instance, or ``"shape:<name>"`` (``morphlib.shapes.SHAPES``) for random weights 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ class StepRecord:
     waiting: int
     running: int
     committed: list = field(default_factory=list)  # MorphOps committed at this boundary
+    gpu_ms: float | None = None  # device time of the step (when ``llm.runner.time_gpu``)
 
 
 @dataclass
@@ -122,19 +125,24 @@ class LLM:
         dev = self.device = resolve_device(cfg.device)
         dtype = self.dtype = cfg.torch_dtype(dev)
         if dev.type == "cuda":
-            torch.cuda.set_device(dev)
+            if dev.index is not None:
+                torch.cuda.set_device(dev)
             torch.cuda.synchronize(dev)
             self._alloc0 = torch.cuda.memory_allocated(dev)
         hf, hf_config, tok, name = _resolve_model(model, dtype)
         self.tokenizer = tokenizer or tok
         self.name = name
-        spec = self.spec = ModelSpec.from_hf_config(hf_config, name)
+        spec = ModelSpec.from_hf_config(hf_config, name)
+        if hf is not None:  # tied or not as the module really is (a config can say tied when it is not)
+            tied = hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+            spec = dataclasses.replace(spec, tied=tied)
+        self.spec = spec
         self.max_model_len = cfg.max_model_len or min(spec.max_positions, 4096)
         if self.max_model_len > spec.max_positions:
             raise MorphError(f"max_model_len {self.max_model_len} exceeds the model's {spec.max_positions} positions")
         use_triton = cfg.attention == "triton" or (cfg.attention == "auto" and dev.type == "cuda")
-        if use_triton and dev.type != "cuda":
-            raise MorphError("attention='triton' needs a CUDA device")
+        if use_triton and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise MorphError("attention='triton' needs a CUDA device (or TRITON_INTERPRET=1 to check kernels on CPU)")
 
         # ---- INT4 source: a Morpher's twins (same bytes as HF + Morpher) or the engine's own RTN
         self.morpher = int4
@@ -192,13 +200,15 @@ class LLM:
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.morph = Morph(layout, self.arena, self.model, self.bm, cfg.restore_policy)
         swappable = range(spec.num_layers) if cfg.swappable is None else cfg.swappable
+        restorable = set(swappable if cfg.restorable is None else cfg.restorable)
         t0 = time.perf_counter()
-        for li in swappable:
-            if not 0 <= li < spec.num_layers:
-                raise MorphError(f"swappable layer {li} is out of range (0..{spec.num_layers - 1})")
+        for li in sorted(set(swappable) | restorable):
+            if not 0 <= li < spec.num_layers or li not in swappable:
+                raise MorphError(f"swappable/restorable layer {li} is out of range (0..{spec.num_layers - 1}) "
+                                 "or restorable but not swappable")
             twins = (loader.twins_from_morpher(int4, li, layout) if int4 is not None
                      else loader.quantize_layer(self.arena, layout, li, cfg.symmetric))
-            region = self.arena.bytes(layout.region(li), layout.region_bytes)
+            region = self.arena.bytes(layout.region(li), layout.region_bytes) if li in restorable else None
             self.morph.set_host_copies(li, region, int4_head_blob(layout, twins))
         self.host_copy_s = time.perf_counter() - t0
         del hf
@@ -210,6 +220,9 @@ class LLM:
         self.steps: list[StepRecord] = []
         self.record_steps = True
         self._done: dict[int, Sequence] = {}
+        self.copy_bw = 25e9  # host->device bytes/s, updated from each swap's measured copy time
+        self.copy_pace = 0.8  # fraction of the last step's time that a step's swap copies may take
+        self._last_step_s = 0.005
         self.t0 = time.perf_counter()
         if self.runner.use_graphs:
             self.runner.precapture([self.model.state])
@@ -334,14 +347,27 @@ class LLM:
         if self.controller is not None:
             self.controller(self, self.info())
         committed = self.morph.advance(self.scheduler, start) if self.morph.busy else []
+        for op in committed:
+            ms = op.copy_ms()
+            if ms:
+                self.copy_bw = 0.5 * self.copy_bw + 0.5 * op.copy_bytes / (ms * 1e-3)
         batch = self.scheduler.schedule()
         path, sampled, tokens = "idle", [], []
+        pump = self.morph.cuda and self.morph.has_chunks
         if batch:
             for seq, _ in batch:
                 if seq.first_scheduled is None:
                     seq.first_scheduled = start
+            if pump:  # swap copies ride along: about one step's PCIe time, after the step's own inputs
+                budget = int(self.copy_pace * self.copy_bw * self._last_step_s)
+                self.runner.on_launch = lambda: self.morph.pump(budget)
             sampled, tokens, path = self.runner.run(batch)
+            self.runner.on_launch = None
+        elif pump:
+            self.morph.pump(1 << 62)
         end = time.perf_counter()
+        if batch:
+            self._last_step_s = end - start
         for seq, n in batch:
             seq.num_computed += n
         for seq, tok in zip(sampled, tokens):
@@ -359,7 +385,8 @@ class LLM:
                 self._done[seq.id] = seq
         rec = StepRecord(len(self.steps), start, end, path, len(batch), sum(n for _, n in batch), len(sampled),
                          tuple(self.int4_layers), self.bm.num_used, self.bm.capacity,
-                         len(self.scheduler.waiting), len(self.scheduler.running), committed)
+                         len(self.scheduler.waiting), len(self.scheduler.running), committed,
+                         self.runner.last_gpu_ms if batch and self.runner.time_gpu else None)
         if self.record_steps:
             self.steps.append(rec)
         for hook in self.on_step:
@@ -397,16 +424,18 @@ class LLM:
         """Drive pending swaps/restores to completion (stepping the engine while a restore waits for
         live KV blocks to be freed)."""
         while self.morph.busy:
+            if self.morph.cuda:
+                self.morph.pump(1 << 62)
             for op in self.morph.pending:
-                if op.phase == "copying" and op.events is not None:
-                    op.events[1].synchronize()
-            before = len(self.morph.pending)
+                if op.phase == "copying" and op.events:
+                    op.events[-1][1].synchronize()
+            before = [(op.layer, op.phase) for op in self.morph.pending]
             self.morph.advance(self.scheduler, time.perf_counter())
-            if len(self.morph.pending) == before and self.morph.busy:
+            after = [(op.layer, op.phase) for op in self.morph.pending]
+            if after and after == before:  # nothing moved: only draining restores are left
                 if self.scheduler.idle:
                     raise MorphError("a restore waits for KV blocks that nothing will free")
-                if all(op.phase == "draining" for op in self.morph.pending):
-                    self.step()
+                self.step()
 
     def precapture(self, order: list[int] | None = None) -> float:
         """Capture decode graphs ahead for the states a fixed swap order passes through (each prefix of

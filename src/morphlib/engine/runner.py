@@ -39,6 +39,10 @@ class Runner:
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 1)
+        self.on_launch = None  # called once a step's device work is enqueued, before the host waits for it
+        self.time_gpu = False  # CUDA events around each step's device work (``last_gpu_ms``)
+        self.last_gpu_ms: float | None = None
+        self._ev = None
         if self.use_graphs:
             mb, nb = self.max_bs, max_blocks
             self.static = torch.zeros(4 * mb + mb * nb, dtype=torch.int64, device=self.device)
@@ -95,18 +99,41 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch) -> tuple[list, list[int], str]:
         """Returns (sampled sequences, their new tokens, path) where path is 'graph' or 'eager'."""
+        timed = self.time_gpu and self.device.type == "cuda"
+        if timed and self._ev is None:
+            self._ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        out = self._run(batch)
+        if timed:
+            self._ev[1].record()
+            self._ev[1].synchronize()
+            self.last_gpu_ms = self._ev[0].elapsed_time(self._ev[1])
+        return out
+
+    def _mark(self) -> None:
+        """Start of the step's device work (after host-side preparation)."""
+        if self._ev is not None and self.time_gpu:
+            self._ev[0].record()
+
+    def _run(self, batch):
         if self.use_graphs and all(n == 1 for _, n in batch) and len(batch) <= self.max_bs:
             seqs = [s for s, _ in batch]
             return seqs, self._run_graph(seqs), "graph"
         ids, pos, meta, rows, sampled = self.prepare(batch)
+        self._mark()
         if not sampled:
             self.model.decode_splits = 1
             self.model.forward(ids, pos, meta, rows)
+            self._launched()
             return [], [], "eager"
         if meta.decode and self.model.use_triton:
             self.model.decode_splits = decode_splits(len(batch), self.model.spec.num_kv_heads, self.num_sms)
         logits = self.model.forward(ids, pos, meta, rows)
+        self._launched()
         return sampled, self._sample(logits, sampled), "eager"
+
+    def _launched(self) -> None:
+        if self.on_launch is not None:
+            self.on_launch()
 
     def _sample(self, logits: torch.Tensor, seqs) -> list[int]:
         temps = [s.params.temperature for s in seqs]
@@ -155,6 +182,7 @@ class Runner:
                 self._forward_static(b)
             if self.pool is None:
                 self.pool = g.pool()
+            g.replay()  # the first launch uploads the graph: pay that here, not in a serving step
             torch.cuda.synchronize(self.device)
         finally:
             self.model.int4_layers = saved
@@ -190,9 +218,11 @@ class Runner:
             h[2 * mb + i] = base[table[j // bs]] + (j % bs) * kvd
             h[3 * mb + i] = j + 1
             btv[i, :len(table)] = table
+        self._mark()
         self.static[:4 * mb].copy_(self.host[:4 * mb], non_blocking=True)
         self.static[4 * mb:4 * mb + bb * nb].copy_(self.host[4 * mb:4 * mb + bb * nb], non_blocking=True)
         self.graphs[key].replay()
+        self._launched()
         if any(s.params.temperature > 0 for s in seqs):
             return self._sample_temp(self.logits[:b].float(), [s.params.temperature for s in seqs])
         return self.tokens[:b].tolist()
