@@ -95,12 +95,14 @@ def int4_kernel_everywhere(monkeypatch):
         monkeypatch.setitem(int4.KERNEL_MAX_TOKENS, "cpu", 1 << 30)
 
 
-def test_swapped_layers_equal_morpher_in_hf(model32, prompts, int4_kernel_everywhere):
-    """INT4 layers cast activations to bf16, which turns float32 rounding differences of other batch
-    shapes into visible ones; so both sides run one request at a time (the engine with max_num_seqs=1)."""
+def test_swapped_layers_equal_morpher_in_hf(model32, heldout, int4_kernel_everywhere):
+    """INT4 layers cast activations to bf16, which turns float32 rounding differences between batch shapes
+    into visible ones; so both sides run the same batches: two groups of 4 prompts of equal length (23 and
+    81 tokens), HF one left-pad-free batch per group, the engine with max_num_seqs=4 (FCFS: the same groups)."""
     from morphlib.morph import Morpher, QuantConfig
 
     model, _ = model32
+    prompts = [heldout.ids[i, :n].tolist() for i, n in enumerate([23] * 4 + [81] * 4)]
     layers = [9, 10, 11, 12]
     # AWQ-style input scales on the swapped layers (random, positive): the engine must carry them too
     gen = torch.Generator().manual_seed(0)
@@ -108,16 +110,17 @@ def test_swapped_layers_equal_morpher_in_hf(model32, prompts, int4_kernel_everyw
              ("self_attn.o_proj", 576), ("mlp.gate_proj", 576), ("mlp.up_proj", 576), ("mlp.down_proj", 1536)]
     scales = {li: {n: torch.rand(k, generator=gen) + 0.5 for n, k in names} for li in layers}
     morpher = Morpher(model, QuantConfig(group_size=64), scales=scales, progress=False)
-    llm = LLM(model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=128, swappable=tuple(layers)), int4=morpher)
+    llm = LLM(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, swappable=tuple(layers)), int4=morpher)
     morpher.swap(layers)
     try:
-        want = [hf_greedy(model, [p])[0] for p in prompts]
+        want = hf_greedy(model, prompts[:4]) + hf_greedy(model, prompts[4:])
     finally:
         morpher.restore()
     llm.swap(layers, wait=True)
     assert llm.int4_layers == layers
     got, _ = engine_tokens(llm, prompts)
     assert_same(got, want)
+    assert {r.num_seqs for r in llm.steps if r.path != "idle"} == {4}
     # the INT4 bytes are the Morpher's, placed at the head of each layer's own region
     head = llm.arena.bytes(llm.layout.region(10), llm.layout.head_bytes).clone()
     assert torch.equal(head, llm.morph.int4_host[10])

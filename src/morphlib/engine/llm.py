@@ -9,6 +9,14 @@
 
 ``model``: a built-in name or HF folder (``morphlib.models.load_model``), an HF ``LlamaForCausalLM``
 instance, or ``"shape:<name>"`` (``morphlib.shapes.SHAPES``) for random weights made in the arena.
+``int4``: a ``morphlib.morph.Morpher`` whose INT4 twins (AWQ input scales included) the engine uses
+byte for byte; default: the engine quantizes each layer itself (RTN, ``EngineConfig.group_size``).
+
+Hooks for controllers and simulators: ``llm.controller = fn(llm, StepInfo)`` runs at every step boundary
+(before scheduling; it may call ``swap``/``restore``); ``llm.on_step`` callables get each ``StepRecord``
+(host start/end, path graph/eager, batch, tokens, morph state, KV use, committed swaps, device time when
+``llm.runner.time_gpu``); every ``RequestOutput`` carries arrival, first scheduled, first token, each
+token's time and finish (``time.perf_counter`` clock) and its preemption count.
 """
 
 from __future__ import annotations
@@ -98,6 +106,10 @@ class ReplayResult:
                 "preemptions": int(sum(o.preemptions for o in self.outputs)), "clipped": self.clipped}
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _resolve_model(model, dtype):
     """-> (hf_model or None, hf_config, tokenizer or None, name)."""
     if isinstance(model, nn.Module):
@@ -175,10 +187,10 @@ class LLM:
         if main < min_blocks:
             need = layout.fixed_bytes + ws + min_blocks * (layout.block_bytes + per_id)
             raise MorphError(
-                f"memory budget {budget / 2**30:.2f} GiB is too small for {name}: it needs at least "
-                f"{need / 2**30:.2f} GiB (weights {layout.weight_bytes / 2**30:.2f}, swap staging "
-                f"{layout.staging_slots * layout.slot_bytes / 2**30:.2f}, workspace {ws / 2**30:.2f}, KV for one "
-                f"{self.max_model_len}-token sequence {min_blocks * layout.block_bytes / 2**30:.2f})"
+                f"memory budget {_size(budget)} is too small for {name}: it needs at least {_size(need)} "
+                f"(weights {_size(layout.weight_bytes)}, swap staging {_size(layout.staging_slots * layout.slot_bytes)}, "
+                f"workspace {_size(ws)}, KV for one {self.max_model_len}-token sequence "
+                f"{_size(min_blocks * layout.block_bytes)})"
                 if cfg.kv_blocks is None or cfg.kv_blocks >= min_blocks else
                 f"kv_blocks={cfg.kv_blocks} cannot hold one {self.max_model_len}-token sequence ({min_blocks} blocks)")
         layout.set_main_blocks(main)
