@@ -1,4 +1,5 @@
-"""Command line: ``morphlib layer-costs`` (per-layer INT4 cost) and ``morphlib bench`` (INT4 kernel ratios)."""
+"""Command line: ``morphlib layer-costs`` (per-layer INT4 cost), ``morphlib bench`` (INT4 kernel ratios) and
+``morphlib bench-engine`` (the serving engine's decode step vs roofline and HF, swaps during decode)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def _bench(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _bench_engine(args) -> None:
+    import json
+
+    from morphlib.engine.bench import format_report, run_bench
+
+    res = run_bench(batch_sizes=tuple(args.batch_sizes), ctx=args.ctx, steps=args.steps, hf=not args.no_hf,
+                    hf_compiled=args.hf_compiled, big=args.big, big_budget_gib=args.big_budget_gib)
+    print(format_report(res))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+
+
 @one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="morphlib", description=__doc__)
@@ -119,8 +133,17 @@ def main(argv=None) -> None:
     bench.add_argument("--table-out", default=None, help="with --tune: where to write the table (default: the package's)")
     bench.add_argument("--tune-deadline", type=float, default=None, help="with --tune: stop tuning new shapes after this many s")
     bench.add_argument("--device", default=None)
+    be = sub.add_parser("bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap during decode")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    be.add_argument("--ctx", type=int, default=128, help="prompt tokens per request")
+    be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
+    be.add_argument("--big", default="llama-2-7b", help="the large shape (random weights)")
+    be.add_argument("--big-budget-gib", type=float, default=24.0, help="its memory budget (an L4's 24 GB)")
+    be.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    be.add_argument("--hf-compiled", action="store_true", help="also time HF static cache + torch.compile (40-70 s)")
+    be.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args(argv)
-    {"layer-costs": _layer_costs, "bench": _bench}[args.cmd](args)
+    {"layer-costs": _layer_costs, "bench": _bench, "bench-engine": _bench_engine}[args.cmd](args)
 
 
 if __name__ == "__main__":

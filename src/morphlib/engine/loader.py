@@ -1,0 +1,129 @@
+"""Fill the arena: weights from an HF model or random ("dummy") weights made on the device, rotary
+tables computed by HF's own rotary class (so Llama-3 rope_theta / rope scaling match), and the INT4
+bytes of a layer (quantized by the engine, or taken from a ``Morpher``'s twins: the same bytes, AWQ
+scales included)."""
+
+from __future__ import annotations
+
+import torch
+
+from morphlib.engine.memory import LINEARS, Arena, Layout
+from morphlib.quant.int4 import Int4Linear, pack, unpack
+
+
+def hf_llama_config(cfg):
+    """An HF LlamaConfig from a config object or a ``morphlib.shapes`` dict."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**cfg) if isinstance(cfg, dict) else cfg
+
+
+def rope_tables(hf_config, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rot = LlamaRotaryEmbedding(config=hf_llama_config(hf_config))
+    pos = torch.arange(positions, dtype=torch.int64)[None]
+    cos, sin = rot(torch.empty(1, dtype=dtype), pos)
+    return cos[0], sin[0]
+
+
+def _resident(arena: Arena, layout: Layout, name: str) -> torch.Tensor:
+    p = layout.resident[name]
+    return arena.view(p.offset, p.shape, p.dtype)
+
+
+def _region(arena: Arena, layout: Layout, layer: int, name: str) -> torch.Tensor:
+    p = layout.fp16[name]
+    return arena.view(layout.region(layer) + p.offset, p.shape, p.dtype)
+
+
+def linear_weight(arena: Arena, layout: Layout, layer: int, name: str) -> torch.Tensor:
+    """The 16-bit [N, K] weight of one projection (a row slice of the fused matrices)."""
+    s = layout.spec
+    qd, kvd, i = s.q_dim, s.kv_dim, s.intermediate
+    rows = {"q_proj": ("qkv", 0, qd), "k_proj": ("qkv", qd, qd + kvd), "v_proj": ("qkv", qd + kvd, qd + 2 * kvd),
+            "o_proj": ("o", 0, s.hidden), "gate_proj": ("gate_up", 0, i), "up_proj": ("gate_up", i, 2 * i),
+            "down_proj": ("down", 0, s.hidden)}[name]
+    return _region(arena, layout, layer, rows[0])[rows[1]:rows[2]]
+
+
+@torch.no_grad()
+def fill_rope(arena: Arena, layout: Layout, hf_config) -> None:
+    cos, sin = rope_tables(hf_config, layout.resident["cos"].shape[0], layout.dtype)
+    _resident(arena, layout, "cos").copy_(cos)
+    _resident(arena, layout, "sin").copy_(sin)
+
+
+@torch.no_grad()
+def fill_from_hf(arena: Arena, layout: Layout, model) -> None:
+    inner = model.model
+    dt = layout.dtype
+    _resident(arena, layout, "embed").copy_(inner.embed_tokens.weight.to(dt))
+    if not layout.spec.tied:
+        _resident(arena, layout, "lm_head").copy_(model.lm_head.weight.to(dt))
+    _resident(arena, layout, "final_norm").copy_(inner.norm.weight.to(dt))
+    norms = _resident(arena, layout, "norms")
+    for li, layer in enumerate(inner.layers):
+        norms[li, 0].copy_(layer.input_layernorm.weight.to(dt))
+        norms[li, 1].copy_(layer.post_attention_layernorm.weight.to(dt))
+        a, m = layer.self_attn, layer.mlp
+        src = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+               "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+        for name in LINEARS:
+            w = getattr(src[name], "weight", None)
+            if w is None or w.numel() == 0:
+                raise ValueError(f"layer {li} {name} has no 16-bit weight (is the model morphed? restore it first)")
+            linear_weight(arena, layout, li, name).copy_(w.to(dt))
+    fill_rope(arena, layout, model.config)
+
+
+@torch.no_grad()
+def fill_random(arena: Arena, layout: Layout, hf_config, seed: int = 0) -> None:
+    """N(0, 0.02) weights, unit norms (what ``morphlib.models.synthetic_model`` makes), on the arena's device."""
+    gen = torch.Generator(device=arena.buf.device).manual_seed(seed)
+    for name in layout.resident:
+        if name in ("cos", "sin"):
+            continue
+        t = _resident(arena, layout, name)
+        t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)
+    for li in range(layout.spec.num_layers):
+        for name in layout.fp16:
+            _region(arena, layout, li, name).normal_(0.0, 0.02, generator=gen)
+    fill_rope(arena, layout, hf_config)
+
+
+def quantize_layer(arena: Arena, layout: Layout, layer: int, symmetric: bool) -> dict:
+    """The engine's own RTN INT4 twins of one layer's projections (on the arena's device)."""
+    out = {}
+    for name in LINEARS:
+        w = linear_weight(arena, layout, layer, name)
+        q = Int4Linear.from_weight(w, group_size=layout.group_size, symmetric=symmetric,
+                                   layout=layout.int4_layouts[name], name=f"layer {layer} {name}")
+        out[name] = {"packed": q.packed, "scale_zero": q.scale_zero}
+    return out
+
+
+def twins_from_morpher(morpher, layer: int, layout: Layout) -> dict:
+    """A Morpher's INT4 twins of one layer, re-packed when its layout differs from this device's."""
+    out = {}
+    for name in LINEARS:
+        twin = morpher._int4[layer][_morpher_name(morpher._int4[layer], name)]
+        n, k = layout.shapes[name]
+        packed = twin.packed
+        want = layout.int4_layouts[name]
+        if twin.layout != want:
+            q = unpack(packed.to(layout.device), twin.layout, n, k)
+            packed = pack(q, want)
+        d = {"packed": packed, "scale_zero": twin.scale_zero}
+        if layout.awq:
+            inv = twin.input_scale_inv
+            d["input_scale_inv"] = inv if inv is not None else torch.ones(k, dtype=twin.scale_zero.dtype)
+        out[name] = d
+    return out
+
+
+def _morpher_name(twins: dict, short: str) -> str:
+    for full in twins:
+        if full.split(".")[-1] == short:
+            return full
+    raise KeyError(short)

@@ -1,0 +1,84 @@
+"""How much device memory the engine needs besides its arena (activations, INT4 dequantize buffers,
+CUDA-graph pool, static step buffers): measured on CUDA, estimated on CPU.
+
+CUDA: a *probe* engine with one decoder layer (the activations of a step do not depend on the depth:
+each layer's temporaries are freed before the next, in eager mode and inside a graph's pool alike)
+and random weights runs, in both precisions, an eager prefill of ``max_num_batched_tokens`` tokens and
+the capture of the largest decode bucket's graph; the peak of ``torch.cuda.max_memory_reserved``
+(>= allocated) above its own arena is the workspace. The real arena is then sized as budget minus
+that workspace (times 1 + margin), so ``torch.cuda.memory_allocated`` stays inside the budget.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from morphlib.engine.block_manager import BlockManager
+from morphlib.engine.config import EngineConfig, SamplingParams
+from morphlib.engine.loader import fill_random, quantize_layer
+from morphlib.engine.memory import Arena, Layout
+from morphlib.engine.model import Model, int4_head_blob
+from morphlib.engine.runner import Runner
+from morphlib.engine.sequence import Sequence
+
+
+def estimate_cpu(layout: Layout, cfg: EngineConfig) -> int:
+    """A generous analytic bound (CPU has no allocator statistics to measure)."""
+    s = layout.spec
+    t = cfg.max_num_batched_tokens
+    act = t * (6 * s.hidden + 2 * (s.q_dim + 2 * s.kv_dim) + 4 * s.intermediate) * 4
+    logits = cfg.max_num_seqs * s.vocab * 4 * 2
+    dequant = max(n * k for n, k in layout.shapes.values()) * 12
+    return act + logits + dequant + (64 << 20)
+
+
+@torch.no_grad()
+def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: int) -> dict:
+    dev = layout.device
+    spec = layout.spec.with_layers(1)
+    lay = Layout(spec, layout.dtype, dev, layout.block_size, layout.group_size, layout.awq, 1, max_model_len)
+    t_max = cfg.max_num_batched_tokens
+    buckets = cfg.buckets()
+    mb = max(buckets)
+    max_blocks = -(-max_model_len // layout.block_size)
+    lens = []
+    left = t_max
+    while left > 0:
+        lens.append(min(left, max_model_len - 1))
+        left -= lens[-1]
+    lay.set_main_blocks(sum(-(-n // layout.block_size) for n in lens) + 2)
+    torch.cuda.synchronize(dev)
+    gc.collect()
+    torch.cuda.empty_cache()
+    a0, r0 = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    arena = Arena(lay.arena_bytes(), dev)
+    arena_reserved = torch.cuda.memory_reserved(dev) - r0
+    fill_random(arena, lay, hf_config, seed=1)
+    base = lay.block_base()
+    model = Model(lay, arena, base.to(dev), use_triton=True)
+    runner = Runner(model, base.tolist(), mb, max_blocks, (mb,), cfg.cuda_graphs, seed=0)
+    bm = BlockManager(lay.block_size, lay.num_block_ids)
+    bm.add_group("main", lay.main_ids())
+    head = int4_head_blob(lay, quantize_layer(arena, lay, 0, cfg.symmetric)).to(dev)
+    for int4 in (False, True):
+        if int4:
+            arena.bytes(lay.region(0), lay.head_bytes).copy_(head)
+            model.int4_layers = {0}
+        seqs = [Sequence([1] * n, SamplingParams(max_tokens=1), 0.0) for n in lens]
+        for s in seqs:
+            bm.grow(s.id, s.block_table, s.num_tokens)
+        runner.run([(s, s.num_tokens) for s in seqs])
+        for s in seqs:
+            bm.release(s.id, s.block_table)
+        if runner.use_graphs:
+            runner.capture(model.state, mb)
+    torch.cuda.synchronize(dev)
+    peak_alloc = torch.cuda.max_memory_allocated(dev) - a0 - arena.nbytes
+    peak_res = torch.cuda.max_memory_reserved(dev) - r0 - arena_reserved
+    del runner, model, arena, bm, head
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"allocated": int(peak_alloc), "reserved": int(peak_res), "bytes": int(max(peak_alloc, peak_res))}
