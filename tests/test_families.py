@@ -58,7 +58,7 @@ def test_smollm2_follows_its_convention_no_bos(tok):
 def test_smollm2_windows_unchanged(tok):
     for (split, n, length), want in PINNED_WINDOWS.items():
         w = make_windows(tok, split, n, length, seed=0)
-        assert w.prefix_len == 0 and _windows_hash(w) == want, (split, n, length)
+        assert w.prefix_len == 0 and len(w) == n and _windows_hash(w) == want, (split, n, length)
     held = make_windows(tok, "heldout", 64, 512, seed=0)
     for (dom, role), want in PINNED_DOMAIN.items():
         n = 32 if role == "heldout" else 16
@@ -196,7 +196,7 @@ def test_gemma_tokenizer_is_sentencepiece_bpe_and_round_trips(gemma):
 def test_gemma_windows_start_with_bos_and_heldout_ppl_is_sane(gemma):
     model, tok = gemma
     held = make_windows(tok, "heldout", 4, 128, seed=0)
-    assert held.prefix_len == 1 and (held.ids[:, 0] == tok.bos_token_id).all() and held.ids.shape == (4, 128)
+    assert held.prefix_len == 1 and len(held) == 4 and (held.ids[:, 0] == tok.bos_token_id).all() and held.ids.shape == (4, 128)
     assert (held.ids[:, 1:] != tok.bos_token_id).all()
     ppl_bos = math.exp(window_nll(model, held.ids, 4).mean())
     ppl_without = math.exp(window_nll(model, held.ids[:, 1:], 4).mean())

@@ -51,6 +51,9 @@ class Windows:
     domain: list[str] = field(default_factory=list)  # domain of each window
     prefix_len: int = 0  # special tokens (e.g. BOS) at the start of every window, before the text tokens
 
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
 
 def special_prefix(tokenizer) -> list[int]:
     """Token ids the tokenizer's own convention puts before a text (``tokenizer(text)`` vs the same call with
@@ -63,9 +66,6 @@ def special_prefix(tokenizer) -> list[int]:
         raise MorphError(f"tokenizer {type(tokenizer).__name__}: its special tokens do not simply surround the text "
                          "(cannot tell which tokens start a window)")
     return list(full[:at])
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
 
 
 def _sotu(lo: int, hi: int) -> list[tuple[str, str]]:
