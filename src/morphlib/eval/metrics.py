@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from morphlib.errors import MorphError
+from morphlib.models import lm_head_logits, one_pass_exact, text_config
 
 REFERENCE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
 
@@ -36,9 +37,15 @@ def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int, with_hidden: 
     dev = _device(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(dev)
-        if with_hidden:  # one pass gives both: the head applied to the final hidden state, as forward() does
+        if with_hidden and one_pass_exact(model):
+            # one pass gives both: the head (and the family's logit soft-capping) applied to the final hidden
+            # state, as forward() does -- checked bitwise against forward() once per model
             hidden = model.get_decoder()(batch, use_cache=False).last_hidden_state
-            logits = model.get_output_embeddings()(hidden)[:, :-1].float()
+            logits = lm_head_logits(model, hidden)[:, :-1].float()
+            yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1), hidden
+        elif with_hidden:  # a family whose forward() does more after the head: two passes
+            hidden = model.get_decoder()(batch, use_cache=False).last_hidden_state
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
             yield start, batch[:, 1:], torch.log_softmax(logits, dim=-1), hidden
         else:
             logits = model(batch, use_cache=False).logits[:, :-1].float()
@@ -66,7 +73,7 @@ class Reference:
     @torch.no_grad()
     def compute(cls, model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> "Reference":
         dev = _device(model)
-        vocab = model.config.vocab_size
+        vocab = getattr(text_config(model), "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
         need = ids.shape[0] * (ids.shape[1] - 1) * vocab * 2
         budget = REFERENCE_BUDGET_BYTES.get(dev.type, 4 << 30)
         if need > budget:

@@ -13,9 +13,11 @@ d(l, l+n) = arccos(cos(h_l, h_{l+n})) / pi between the input of layer l and the 
 l+n-1 (we average over all tokens instead of the last one: more stable on short windows); and the
 direct cost of swapping layer l alone: increase of next-token NLL and KL vs the 16-bit model.
 
-Token positions: windows are slices of running text with no BOS token; the first position of every
-window (which has no context and acts as the attention sink, with an outsized hidden-state norm) is
-excluded from every cosine average (``skip_first=True``).
+Token positions: windows are slices of running text that start with the tokenizer's own special prefix
+(a BOS for Gemma; nothing for SmolLM2, whose first position is then a text token). The first position
+of every window (which has no context and acts as the attention sink, with an outsized hidden-state
+norm) is excluded from every cosine average (``skip_first=True``). The hooks read each decoder layer's
+input and output whatever the family (Llama, Gemma-3 with its extra norms, Qwen2, Mistral, Phi-3...).
 """
 
 from __future__ import annotations
