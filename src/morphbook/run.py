@@ -6,7 +6,7 @@
 
 Each experiment runs with its profile's published configuration (``Config.for_profile(profile)``) and
 writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``). A failing experiment is
-reported in one line and the others still run; the exit status is 1 if any failed. ``--deadline S``
+reported and the others still run (each in a fresh process); the exit status is 1 if any failed. ``--deadline S``
 skips experiments that would start after S seconds (a GPU call has a hard time limit; an experiment
 writes its summary.json last, so one cut off leaves no half-written results). The notebooks then
 render these results; CI re-executes the notebooks on the CPU profile.
@@ -17,13 +17,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import subprocess
 import sys
 import time
-import traceback
 
 from morphbook.chapters import ALL, chapter
 from morphbook.publish.store import save_result
 from morphlib.errors import MorphError
+
+
+def run_isolated(name: str, profile: str, results_root: str) -> int:
+    """Run one experiment in a fresh Python process (its own CUDA context: an experiment that turns on
+    deterministic cuBLAS, e.g. chapter 2, must do so before any CUDA work, and must not impose it on
+    the next one). Returns the process's exit status."""
+    cmd = [sys.executable, "-m", "morphbook.run", "--profile", profile, "--results", results_root, "--one", name]
+    return subprocess.run(cmd).returncode
 
 
 def run_one(name: str, profile: str, results_root: str) -> float:
@@ -45,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated experiments (default: all, in book order): "
                                                  + ", ".join(c.name for c in ALL))
     ap.add_argument("--deadline", type=float, default=None, help="start no experiment after this many seconds")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one experiment in this process
     args = ap.parse_args(argv)
+    if args.one:
+        try:
+            run_one(args.one, args.profile, args.results)
+        except MorphError as exc:
+            print(f"[{args.one}] error: {exc}", flush=True)
+            return 2
+        return 0
     names = [c.name for c in ALL]
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -63,13 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         print(f"[{name}] {args.profile} profile ...", flush=True)
-        try:
-            run_one(name, args.profile, args.results)
-        except MorphError as exc:
-            print(f"[{name}] error: {exc}", flush=True)
-            failed.append(name)
-        except Exception:  # noqa: BLE001 - report and go on with the next experiment
-            print(f"[{name}] failed:\n{traceback.format_exc()}", flush=True)
+        if run_isolated(name, args.profile, args.results) != 0:  # a failure is reported by the child
             failed.append(name)
     print(f"done in {time.perf_counter() - t0:.0f} s; {len(names) - len(failed)} ok"
           + (f", failed or skipped: {', '.join(failed)}" if failed else ""), flush=True)

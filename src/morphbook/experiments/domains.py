@@ -32,6 +32,7 @@ from morphlib.eval.metrics import Reference, window_nll
 from morphlib.eval.stats import pooled_win_rate
 from morphlib.models import load_model
 from morphlib.morph import QuantConfig, prepare_morphing
+from morphlib.runtime import make_deterministic
 from morphlib.select.strategies import HeldoutScorer, Selector
 
 PRIMARY_CALIBRATION = "sotu-1790-1999"
@@ -81,6 +82,8 @@ def run(cfg: Config, results_root: str | os.PathLike = "results") -> Result:
     ks = [int(k) for k in p["ks"]]
     sets = {name: {int(k): v for k, v in by_k.items()} for name, by_k in sets_json.items() if name != "random"}
     best_scattered = {int(k): v["best_scattered_strategy"] for k, v in summary["headline"]["per_k"].items()}
+    if torch.cuda.is_available():
+        make_deterministic()  # before any CUDA work: two identical bf16 runs must give identical tokens and bits
     with Stopwatch() as sw:
         torch.manual_seed(p["seed"])
         lm, tok = load_model(p["model"])

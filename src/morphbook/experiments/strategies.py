@@ -21,6 +21,7 @@ from morphlib.eval.metrics import Reference, greedy_tokens
 from morphlib.eval.stats import bootstrap_ci
 from morphlib.models import load_model, num_layers
 from morphlib.morph import QuantConfig, prepare_morphing
+from morphlib.runtime import make_deterministic
 from morphlib.select.sensitivity import layer_passes, mds_given
 from morphlib.select.strategies import HeldoutScorer, Selector, evaluate_sets, seed_protocol
 
@@ -87,6 +88,8 @@ class Config:
 
 
 def run(cfg: Config) -> Result:
+    if torch.cuda.is_available():
+        make_deterministic()  # before any CUDA work: two identical bf16 runs must give identical tokens and bits
     with Stopwatch() as sw:
         torch.manual_seed(cfg.seed)
         lm, tok = load_model(cfg.model)
