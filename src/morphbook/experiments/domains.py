@@ -37,7 +37,7 @@ from morphlib.select.strategies import HeldoutScorer, Selector
 
 PRIMARY_CALIBRATION = "sotu-1790-1999"
 DEFAULTS = {"gpu": dict(extra_heldout_windows=32, cross_calib_windows=16),
-            "cpu": dict(extra_heldout_windows=4, cross_calib_windows=4)}
+            "cpu": dict(extra_heldout_windows=4, cross_calib_windows=2)}
 
 
 @dataclass(frozen=True)
