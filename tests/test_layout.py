@@ -18,18 +18,29 @@ def _modules(package: str) -> dict[str, Path]:
     return out
 
 
-def _graph(package: str) -> dict[str, set[str]]:
+# Deferred (function-level) imports that close a cycle, each with why it is still here. Import-time
+# (module-level) cycles are never allowed. This one: models.load_model runs the sanity gate, and the gate
+# asks models.family for a label; the fix (sanity names the family itself) changes the code hash of every
+# GPU result made at 5efbfeb, so it lands with their next GPU rerun (branch families, commit 0d5ed4c).
+DEFERRED_CYCLES_ALLOWED = {("morphlib.sanity", "morphlib.models")}
+
+
+def _graph(package: str, deferred: bool = True) -> dict[str, set[str]]:
+    """Module -> modules of the same package it imports (``deferred``: imports inside functions too)."""
     import ast
 
     mods = _modules(package)
     graph = {}
     for name, path in mods.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in (ast.walk(tree) if deferred else tree.body):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                # `from pkg import submodule` depends on the submodule; any other name, on pkg itself
+                deps |= (subs & mods.keys()) | ({node.module} if subs - mods.keys() else set())
         graph[name] = {d for d in deps if d in mods and d != name}
     return graph
 
@@ -67,7 +78,12 @@ def test_morphlib_never_imports_morphbook():
 
 def test_no_import_cycles():
     for package in ("morphlib", "morphbook"):
-        assert _cycle(_graph(package)) is None, f"{package}: cycle {_cycle(_graph(package))}"
+        at_import = _graph(package, deferred=False)
+        assert _cycle(at_import) is None, f"{package}: import-time cycle {_cycle(at_import)}"
+        full = _graph(package)
+        for a, b in DEFERRED_CYCLES_ALLOWED:
+            full.get(a, set()).discard(b)
+        assert _cycle(full) is None, f"{package}: cycle through a deferred import {_cycle(full)}"
 
 
 def test_experiments_never_import_the_publishing_side():
