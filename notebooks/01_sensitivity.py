@@ -30,7 +30,8 @@
 # cost of swapping the layer alone** (increase of next-token loss and KL divergence). It asks two
 # questions: does one term dominate LIS, and do the measures agree with the direct cost?
 #
-# Conventions: windows are slices of running text with no BOS token; the first position of every
+# Conventions: windows are slices of running text, starting with the tokenizer's own special prefix
+# (none for SmolLM2; a BOS token for families such as Gemma); the first position of every
 # window (no context, attention sink) is **excluded** from all cosine averages. MDS here is
 # conditioned on the empty set (one layer swapped); chapter 2 recomputes it against the swapped set
 # for greedy selection. All measurements use the **calibration split only** (State of the Union
@@ -148,3 +149,22 @@ print(f"Rank agreement with the direct cost (Spearman): LIS {H['spearman_lis_vs_
       f"normalised LIS {H['spearman_lis_norm_vs_direct_cost']:+.2f}.")
 print(f"Dearest single layer: {H['dearest_layer']} (+{H['dearest_layer_dppl_pct']:.2f} % perplexity); "
       f"cheapest: {H['cheapest_layer']}.")
+
+# %% [markdown]
+# ## A second model family: Gemma-3 270M
+#
+# The same experiment on Gemma-3 270M (18 layers, local and global attention, built in as
+# `gemma3-270m`: its "16-bit" weights are dequantized Q4_K/Q5_0/Q6_K/Q8_0 GGUF tensors, so INT4
+# costs little; Google's Gemma terms apply to these weights), on the small CPU profile — the banner
+# says which code made it.
+
+# %% tags=["hide-input"]
+from morphbook.publish.page import show_saved
+
+fam = show_saved("sensitivity", "results/families/gemma3-270m", "Gemma-3 270M, CPU profile")
+if fam is not None:
+    F = fam.headline
+    print(f"LIS is dominated by {F['lis_dominant_term']} (variance share LTS {F['lis_variance_share_lts']:.3f}, "
+          f"LRS {F['lis_variance_share_lrs']:.3f}, MDS {F['lis_variance_share_mds']:.3f}); Spearman with the direct "
+          f"cost: LIS {F['spearman_lis_vs_direct_cost']:+.2f}, normalised LIS {F['spearman_lis_norm_vs_direct_cost']:+.2f}; "
+          f"dearest layer {F['dearest_layer']} (+{F['dearest_layer_dppl_pct']:.2f} %), cheapest {F['cheapest_layer']}.")

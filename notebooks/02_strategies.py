@@ -63,6 +63,7 @@ ks = None                 # None: the profile's swap counts; or e.g. [2, 4, 8]
 # %%
 from morphbook.experiments import domains, strategies
 from morphbook.publish.notebook import given, run_chapter, setup
+from morphbook.publish.page import show_saved
 
 setup()
 cfg = strategies.Config.for_profile(profile, **given(model=model, texts=texts, ks=ks))
@@ -219,3 +220,20 @@ for claim, key in (("'contiguous >= LIS'", "verdict_contiguous_vs_lis"),
     print(f"{claim} (primary held-out set): {H[key]}")
     for dom, text in HD.get(f"{key}_by_domain", {}).items():
         print(f"    on {dom} alone: {text}")
+
+# %% [markdown]
+# ## A second model family: Gemma-3 270M
+#
+# The primary protocol on Gemma-3 270M (see chapter 1) on the small CPU profile (6 held-out windows,
+# k = 2 and 4: far too few windows to separate strategies; a GPU-profile run is still to come), without
+# the cross-domain checks. The banner says which code made it.
+
+# %% tags=["hide-input"]
+fam = show_saved("strategies", "results/families/gemma3-270m-reduced", "Gemma-3 270M, CPU profile, primary protocol")
+if fam is not None:
+    F = fam.headline
+    for k, v in F["per_k"].items():
+        print(f"k = {k}: held-out perplexity block {v['block']:.2f}, greedy LIS {v['greedy_lis']:.2f}, "
+              f"best scattered ({v['best_scattered_strategy']}) {v['best_scattered']:.2f}")
+    print(f"'contiguous >= LIS': {F['verdict_contiguous_vs_lis']}")
+    print(f"'contiguous >= best scattered': {F['verdict_contiguous_vs_best_scattered']}")

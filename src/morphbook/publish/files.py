@@ -49,21 +49,23 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False) + "\n"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
+def _atomic_write(path: Path, write) -> Path:
+    """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync it, rename it over
+    ``path`` (and fsync the folder, so the rename itself is durable). Nothing is left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
+    try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -72,6 +74,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
     except OSError:
         pass
     return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -85,10 +91,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _atomic_write_frame(path: Path, frame: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp):
         if path.suffix == ".parquet":
             try:
                 frame.to_parquet(tmp, index=False)
@@ -96,14 +99,8 @@ def _atomic_write_frame(path: Path, frame: Any) -> Path:
                 raise MorphError(f"writing {path.name} needs pyarrow (pip install pyarrow): {exc}") from None
         else:
             frame.to_csv(tmp, index=False)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return _atomic_write(path, write)
 
 
 def write_result_file(path: str | os.PathLike, obj: Any) -> Path:

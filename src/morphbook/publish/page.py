@@ -119,6 +119,24 @@ def banner(shown: Shown) -> str:
     return f"```{{{kind}}}\n{text}\n```\n"
 
 
+def show_saved(chapter_name: str, root: str | os.PathLike, title: str) -> Shown | None:
+    """Display saved results of another configuration (e.g. a second model family) under ``title`` with
+    their own banner; None (and a line saying so) when there are none."""
+    summary = load_summary(chapter_name, root)
+    if summary is None:
+        print(f"No saved results for {title} in {root}.")
+        return None
+    shown = Shown(chapter_name, summary, Path(root), False, status(chapter_name, summary, root))
+    text = banner(shown).replace("**this run's results**", f"**{title}**")
+    try:
+        from IPython.display import Markdown, display
+
+        display(Markdown(text))
+    except ImportError:
+        print(text)
+    return shown
+
+
 def show(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike = "results") -> Shown:
     """Pick the results, display the banner (in a notebook) and return them for the charts."""
     shown = pick(chapter_name, cfg, results_root, committed_root)
