@@ -142,8 +142,10 @@ def main(argv=None) -> None:
                        help="model shapes (default: llama-2-7b tinyllama-1.1b smollm2-135m on CUDA, smollm2-135m on CPU)")
     bench.add_argument("--n", type=int, default=None, help="one weight shape instead of --models: output features")
     bench.add_argument("--k", type=int, default=None, help="one weight shape instead of --models: input features")
-    bench.add_argument("--group-size", dest="group_sizes", type=int, nargs="+", default=[64])
-    bench.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
+    bench.add_argument("--group-size", dest="group_sizes", type=int, nargs="+", default=[64],
+                       help="INT4 group size(s) along K (default: 64)")
+    bench.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
+                       help="activation row counts M to time (default: 1 2 4 ... 2048)")
     bench.add_argument("--mode", default="fast", choices=["fast", "exact"],
                        help="kernel choice to time: fast (engine, default) or exact (chapters; bit-exact above 16 rows)")
     bench.add_argument("--json", default=None, help="write every row and the headline to this JSON file")
@@ -151,16 +153,17 @@ def main(argv=None) -> None:
                        help="first measure candidate kernels and write this card's tuning table (CUDA)")
     bench.add_argument("--table-out", default=None, help="with --tune: where to write the table (default: the package's)")
     bench.add_argument("--tune-deadline", type=float, default=None, help="with --tune: stop tuning new shapes after this many s")
-    bench.add_argument("--device", default=None)
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
     be = sub.add_parser("bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap during decode")
-    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    be.add_argument("--ctx", type=int, default=128, help="prompt tokens per request")
-    be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
-    be.add_argument("--big", default="llama-2-7b", help="the large shape (random weights)")
-    be.add_argument("--big-budget-gib", type=float, default=24.0, help="its memory budget (an L4's 24 GB)")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                    help="decode batch sizes to time (default: 1 2 4 8 16 32 64)")
+    be.add_argument("--ctx", type=int, default=128, help="prompt tokens per request (default: 128)")
+    be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (default: 20)")
+    be.add_argument("--big", default="llama-2-7b", help="the large shape, random weights (default: llama-2-7b)")
+    be.add_argument("--big-budget-gib", type=float, default=24.0, help="its memory budget in GiB, an L4's 24 GB (default: 24)")
     be.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
     be.add_argument("--hf-compiled", action="store_true", help="also time HF static cache + torch.compile (40-70 s)")
-    be.add_argument("--json", default=None, help="write every number to this file")
+    be.add_argument("--json", default=None, help="write every number to this JSON file (default: none)")
     args = parser.parse_args(argv)
     {"layer-costs": _layer_costs, "bench": _bench, "bench-engine": _bench_engine}[args.cmd](args)
 
