@@ -26,5 +26,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+# The default model's Hugging Face folder is converted from its GGUF once, with this environment's
+# transformers (pinned in requirements.txt): the tokenizer files it writes differ between transformers
+# versions, so the vLLM environment (a newer transformers) must find it already converted.
+.venv/bin/python -c "from morphlib.models import _export_smollm2; _export_smollm2()"
 # chapter 6 runs real vLLM (CPU build) in its own environment, with its own Jupyter kernel
 bash scripts/setup_vllm.sh
