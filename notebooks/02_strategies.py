@@ -73,6 +73,7 @@ shown = run_chapter("strategies", strategies.run, cfg, results_root)
 import altair as alt
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
 H, R, PR, SP = shown.headline, shown.frame("records.json"), shown.frame("paired.json"), shown.json("seed_protocol.json")
 sets = shown.json("sets.json")
@@ -179,8 +180,7 @@ else:
                  "windows", alt.Tooltip("ppl16:Q", format=".2f", title="16-bit ppl")])
     bars = alt.Chart(D).mark_rule().encode(x="lo:Q", x2="hi:Q", y="domain:N", yOffset="versus:N", color="versus:N")
     half = alt.Chart(pd.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="x:Q")
-    chart = (bars + pts + half).properties(width=520, height=200, title="Does the block win on each domain?")
-    chart
+    display((bars + pts + half).properties(width=520, height=200, title="Does the block win on each domain?"))
 
 # %% [markdown]
 # ## Cross-calibration: how much of an edge is calibration fit?
@@ -200,8 +200,8 @@ else:
         x=alt.X("scored on:N", title="held-out domain"), y=alt.Y("calibrated on:N", title="calibration domain"),
         color=alt.Color("win rate:Q", scale=alt.Scale(domain=[0, 1], scheme="redblue"), title="block win rate"),
         tooltip=["calibrated on", "scored on", alt.Tooltip("win rate:Q", format=".2f")])
-    (heat + heat.mark_text(fontSize=12).encode(text=alt.Text("win rate:Q", format=".2f"), color=alt.value("black"))
-     ).properties(width=360, height=200, title="Block vs greedy ΔPPL, both chosen on the row's calibration text")
+    display((heat + heat.mark_text(fontSize=12).encode(text=alt.Text("win rate:Q", format=".2f"), color=alt.value("black"))
+             ).properties(width=360, height=200, title="Block vs greedy ΔPPL, both chosen on the row's calibration text"))
 
 # %% [markdown]
 # ## Verdicts

@@ -110,7 +110,8 @@ def banner(shown: Shown) -> str:
                                 f"**{short_commit(prov)}** ({source_text(prov)}, {date}{wall}{model_text}, {where}). "
                                 "Rerun the chapter to refresh them.")
     elif prov.get("profile") == "gpu":
-        kind, text = "note", f"Numbers on this page: {whose}{model_text}, **{source_text(prov)}**, {made}."
+        kind, text = "note", (f"Numbers on this page: {whose}{model_text}, **{source_text(prov)}**, {date}, "
+                              f"{short_commit(prov)}{wall} ({where}).")
     else:
         kind, text = "warning", (f"**CPU profile** (small parameters, for CI): {whose}{model_text}, not the book's "
                                  f"published GPU numbers. Made on {made}.")
