@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from morphbook.chapters import CHAPTERS
-from morphbook.publish.page import short_commit
+from morphbook.publish.page import same_dir, short_commit
 from morphbook.publish.stale import status
 from morphbook.publish.store import load_summary
 
@@ -74,7 +73,7 @@ def findings_markdown(fresh_root: str | os.PathLike, committed_root: str | os.Pa
         link = f"{ch.number}. {{doc}}`{ch.title} </{ch.docname}>`" if present is None or ch.name in present \
             else f"{ch.number}. {ch.title}"
         root = committed_root
-        summary = None if Path(fresh_root).resolve() == Path(committed_root).resolve() else load_summary(ch.name, committed_root)
+        summary = None if same_dir(fresh_root, committed_root) else load_summary(ch.name, committed_root)
         if summary is None:
             root, summary = fresh_root, load_summary(ch.name, fresh_root)
         if summary is None:

@@ -26,8 +26,18 @@ from morphbook.publish.store import load_summary, summary_path
 from morphlib.errors import MorphError
 
 
-def _same_dir(a, b) -> bool:
+def same_dir(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
+
+
+def _display_markdown(text: str) -> None:
+    """Show a banner: rendered Markdown in a notebook, plain text elsewhere."""
+    try:
+        from IPython.display import Markdown, display
+    except ImportError:
+        print(text)
+        return
+    display(Markdown(text))
 
 
 @dataclass
@@ -67,7 +77,7 @@ def headline_values(headline: dict) -> dict:
 
 def pick(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike = "results") -> Shown:
     """Which results the page renders (see the module doc)."""
-    if not _same_dir(results_root, committed_root) and is_published(cfg):
+    if not same_dir(results_root, committed_root) and is_published(cfg):
         committed = load_summary(chapter_name, committed_root)
         if committed is not None:
             return Shown(chapter_name, committed, Path(committed_root), True,
@@ -75,7 +85,7 @@ def pick(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root
     fresh = load_summary(chapter_name, results_root)
     if fresh is None:
         raise MorphError(f"no results for chapter {chapter_name!r} in {results_root} (run the experiment cell first)")
-    return Shown(chapter_name, fresh, Path(results_root), _same_dir(results_root, committed_root),
+    return Shown(chapter_name, fresh, Path(results_root), same_dir(results_root, committed_root),
                  status(chapter_name, fresh, results_root))
 
 
@@ -128,23 +138,12 @@ def show_saved(chapter_name: str, root: str | os.PathLike, title: str) -> Shown 
         print(f"No saved results for {title} in {root}.")
         return None
     shown = Shown(chapter_name, summary, Path(root), False, status(chapter_name, summary, root))
-    text = banner(shown).replace("**this run's results**", f"**{title}**")
-    try:
-        from IPython.display import Markdown, display
-
-        display(Markdown(text))
-    except ImportError:
-        print(text)
+    _display_markdown(banner(shown).replace("**this run's results**", f"**{title}**"))
     return shown
 
 
 def show(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike = "results") -> Shown:
     """Pick the results, display the banner (in a notebook) and return them for the charts."""
     shown = pick(chapter_name, cfg, results_root, committed_root)
-    try:
-        from IPython.display import Markdown, display
-
-        display(Markdown(banner(shown)))
-    except ImportError:  # plain Python: print it
-        print(banner(shown))
+    _display_markdown(banner(shown))
     return shown
