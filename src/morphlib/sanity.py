@@ -183,8 +183,6 @@ def _cause(model: nn.Module, tokenizer, m: dict) -> str:
 
 def check_model(model: nn.Module, tokenizer, name: str | None = None, raise_on_failure: bool = True) -> dict:
     """Run the gate; record the result in ``model.morphlib_sanity``; raise a one-line MorphError on failure."""
-    from morphlib.models import family
-
     m = measure(model, tokenizer)
     problems = []
     if not (m["finite"] and MIN_PPL <= m["ppl"] <= m["max_ppl"]):
@@ -198,7 +196,7 @@ def check_model(model: nn.Module, tokenizer, name: str | None = None, raise_on_f
         problems.append(f"greedy {CHECK_PROMPT!r} -> {m['continuation']!r} is degenerate ({m['degenerate']})")
     m["passed"] = not problems
     m["cause"] = None if not problems else _cause(model, tokenizer, m)
-    m["family"] = family(model)
+    m["family"] = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
     model.morphlib_sanity = m
     if problems and raise_on_failure:
         label = name or getattr(model, "morphlib_name", None) or type(model).__name__
