@@ -92,6 +92,13 @@ def test_synthetic_model_runs():
     assert out.shape == (1, 8, 32000) and torch.isfinite(out).all()
 
 
+def test_synthetic_model_ties_the_head_as_its_shape_says():
+    tied = synthetic_model("smollm2-135m", num_layers=1, dtype=torch.float32, device="cpu")
+    untied = synthetic_model("tinyllama-1.1b", num_layers=1, dtype=torch.float32, device="cpu")
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
 def test_no_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -191,6 +191,8 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=dev).to(dtype)
+    if config.tie_word_embeddings:  # to_empty gives the head its own storage: tie it again, as the shape says
+        model.lm_head.weight = model.model.embed_tokens.weight
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -15,7 +15,7 @@ from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_
 from morphlib.engine.bench import run_bench
 from morphlib.errors import MorphError
 
-DEFAULTS = {"gpu": dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64)), "cpu": dict(batch_sizes=(1, 2))}
+DEFAULTS = {"gpu": dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64), hf_compiled=True), "cpu": dict(batch_sizes=(1, 2))}
 
 
 @dataclass(frozen=True)

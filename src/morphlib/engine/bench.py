@@ -9,6 +9,10 @@
   over decode-only steps of a full batch; ``gpu_ms`` the device time of the same steps (events).
 * HF eager: ``generate`` per new token, (T(1 + n) - T(1)) / n, prefill excluded; HF compiled (optional,
   40-70 s of compile): static cache + ``torch.compile(mode="reduce-overhead")``.
+* Top-1 agreement with HF (bf16, teacher forcing: HF re-reads the engine's greedy sequence) on two prompt
+  sets of 32 prompts x 64 new tokens: English text (starts of the default corpus's held-out windows; the
+  headline when the corpus is in the cache) and uniformly random token ids (flat distributions, many
+  near-ties); at each disagreement, HF's logit gap between its top-1 and the engine's token.
 * Swap: one layer's INT4 bytes (and its 16-bit bytes for the restore) copied on the engine's copy
   stream while a batch decodes; copy bandwidth from events on the copy stream vs the same copy alone;
   slowdown = mean time of the steps that ran while the copy was in flight / median step without it.
@@ -158,22 +162,51 @@ def hf_compiled_ms(model, ctx: int, new: int = 32, seed: int = 0) -> float:
     return 1e3 * (tn - t1) / new
 
 
-def top1_agreement(llm, hf_model, n_prompts: int = 32, new: int = 64, seed: int = 0) -> dict:
-    """Engine greedy token vs HF top-1 at the same prefix (HF re-reads the engine's sequence)."""
+def random_prompts(vocab: int, n: int = 32, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of 8-199 uniformly random token ids (flat, unnatural next-token distributions)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(8, 200, (n,), generator=gen).tolist()
+    return [torch.randint(0, vocab, (m,), generator=gen).tolist() for m in lens]
+
+
+def text_prompts(tokenizer, n: int = 32, seed: int = 0) -> list[list[int]] | None:
+    """``n`` prompts of 8-199 tokens of English text: the starts of the default corpus's held-out windows
+    (the same lengths as ``random_prompts``); None when the corpus is not in the morphlib cache."""
+    from morphlib.eval.corpus import make_windows
+
+    try:
+        wins = make_windows(tokenizer, "heldout", n, 200, seed=seed)
+    except Exception:  # noqa: BLE001  (no corpus on this machine: the caller says so)
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(8, 200, (n,), generator=gen).tolist()
+    return [w[:m].tolist() for w, m in zip(wins.ids, lens)]
+
+
+def top1_agreement(llm, hf_model, prompts: list[list[int]], new: int = 64) -> dict:
+    """Engine greedy token vs HF top-1 at the same prefix (HF re-reads the engine's sequence), and at each
+    disagreement HF's logit gap between its own top-1 and the engine's token (small gap: a near-tie that
+    bf16 rounding decides)."""
     from morphlib.engine import SamplingParams
 
-    gen = torch.Generator().manual_seed(seed)
-    lens = torch.randint(8, 200, (n_prompts,), generator=gen).tolist()
-    prompts = [torch.randint(0, llm.spec.vocab, (n,), generator=gen).tolist() for n in lens]
     outs = llm.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
     agree = total = 0
+    gaps = []
     with torch.no_grad():
         for p, o in zip(prompts, outs):
             seq = torch.tensor([p + o.token_ids], device=hf_model.device)
-            top = hf_model(seq).logits[0, len(p) - 1:-1].float().argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(top, o.token_ids))
+            logits = hf_model(seq).logits[0, len(p) - 1:-1].float()
+            top = logits.argmax(-1)
+            got = torch.tensor(o.token_ids, device=logits.device)
+            hit = top == got
+            agree += int(hit.sum())
             total += len(o.token_ids)
-    return {"agreement": agree / total, "positions": total}
+            rows = (~hit).nonzero().flatten()
+            gaps += (logits[rows, top[rows]] - logits[rows, got[rows]]).tolist()
+    gaps.sort()
+    return {"agreement": agree / total, "positions": total, "disagreements": len(gaps),
+            "disagreement_logit_gap_median": _median(gaps) if gaps else None,
+            "disagreement_logit_gap_max": max(gaps, default=None)}
 
 
 def swap_overlap(llm, layer: int, batch: int, ctx: int, reps: int = 3, base_steps: int = 20) -> dict:
@@ -268,8 +301,9 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
     mb = max(batch_sizes)
 
     # ---------------------------------------------------------------- SmolLM2-135M
+    tok = None
     if smollm2_cached():
-        hf_model, _ = load_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
+        hf_model, tok = load_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
         out["smollm2_weights"] = "real"
     else:
         hf_model = synthetic_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
@@ -279,9 +313,16 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
     out["smollm2_init_s"] = time.perf_counter() - t0
     out["smollm2_memory"] = llm.memory_report()
     log(f"smollm2-135m ({out['smollm2_weights']}): engine ready in {out['smollm2_init_s']:.1f} s")
-    agree = top1_agreement(llm, hf_model)
-    out["top1"] = agree
-    log(f"  top-1 agreement with HF (bf16): {agree['agreement']:.4f} over {agree['positions']} positions")
+    texts = text_prompts(tok) if tok is not None else None
+    out["top1"] = {"random_tokens": top1_agreement(llm, hf_model, random_prompts(llm.spec.vocab))}
+    if texts is not None:
+        out["top1"]["text"] = top1_agreement(llm, hf_model, texts)
+    else:
+        out["notes"].append("top-1 agreement on text prompts not measured: no real weights or no corpus in the cache")
+    for kind, a in out["top1"].items():
+        log(f"  top-1 agreement with HF (bf16), {kind} prompts: {a['agreement']:.4f} over {a['positions']} positions "
+            f"({a['disagreements']} disagreements, median HF logit gap {a['disagreement_logit_gap_median'] or 0:.3f})")
+    agree = out["top1"].get("text", out["top1"]["random_tokens"])
     for state in ("fp16", "int4"):
         if state == "int4":
             t0 = time.perf_counter()
@@ -376,6 +417,8 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
     headline["smollm2_speedup_vs_hf_compiled_bs1"]["reference"] = (
         "measured in this run" if hf_comp is not None else "the issue's H200 anchor (2.9 ms), not measured here")
     headline["gpu_top1_agreement_vs_hf"]["weights"] = out["smollm2_weights"]
+    headline["gpu_top1_agreement_vs_hf"]["prompts"] = "text" if "text" in out["top1"] else "random_tokens"
+    headline["gpu_top1_agreement_vs_hf"]["random_token_prompts"] = out["top1"]["random_tokens"]["agreement"]
     out["headline"] = headline
     out["seconds"] = time.perf_counter() - t_start
     return out

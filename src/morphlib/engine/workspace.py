@@ -3,9 +3,12 @@ CUDA-graph pool, static step buffers): measured on CUDA, estimated on CPU.
 
 CUDA: a *probe* engine with one decoder layer (the activations of a step do not depend on the depth:
 each layer's temporaries are freed before the next, in eager mode and inside a graph's pool alike)
-and random weights runs, in both precisions, an eager prefill of ``max_num_batched_tokens`` tokens and
-the capture of the largest decode bucket's graph; the peak of ``torch.cuda.max_memory_reserved``
-(>= allocated) above its own arena is the workspace. The real arena is then sized as budget minus
+and random weights runs, in both precisions, the steps whose temporaries are largest: an eager prefill
+of ``max_num_batched_tokens`` tokens as one sequence (attention and MLP activations), the same tokens
+as ``max_num_seqs`` sequences that all finish their prompt and sample with a temperature (a logits row
+per sequence, their float copy and softmax), and the capture of every decode bucket's graph (the
+graphs share one pool, but a small bucket may split attention further); the peak of
+``torch.cuda.max_memory_reserved`` (>= allocated) above its own arena is the workspace. The real arena is then sized as budget minus
 that workspace (times 1 + margin), so ``torch.cuda.memory_allocated`` stays inside the budget.
 """
 
@@ -43,12 +46,15 @@ def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: in
     buckets = cfg.buckets()
     mb = max(buckets)
     max_blocks = -(-max_model_len // layout.block_size)
-    lens = []
+    long_lens = []  # the step's token budget as few long sequences (largest activations)
     left = t_max
     while left > 0:
-        lens.append(min(left, max_model_len - 1))
-        left -= lens[-1]
-    lay.set_main_blocks(sum(-(-n // layout.block_size) for n in lens) + 2)
+        long_lens.append(min(left, max_model_len - 1))
+        left -= long_lens[-1]
+    n_many = min(cfg.max_num_seqs, t_max)  # ... and as many short ones, all sampled (largest logits)
+    many_lens = [t_max // n_many + (i < t_max % n_many) for i in range(n_many)]
+    blocks = lambda lens: sum(-(-n // layout.block_size) for n in lens)  # noqa: E731
+    lay.set_main_blocks(max(blocks(long_lens), blocks(many_lens)) + 2)
     torch.cuda.synchronize(dev)
     gc.collect()
     torch.cuda.empty_cache()
@@ -59,7 +65,7 @@ def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: in
     fill_random(arena, lay, hf_config, seed=1)
     base = lay.block_base()
     model = Model(lay, arena, base.to(dev), use_triton=True)
-    runner = Runner(model, base.tolist(), mb, max_blocks, (mb,), cfg.cuda_graphs, seed=0)
+    runner = Runner(model, base.tolist(), mb, max_blocks, buckets, cfg.cuda_graphs, seed=0)
     bm = BlockManager(lay.block_size, lay.num_block_ids)
     bm.add_group("main", lay.main_ids())
     head = int4_head_blob(lay, quantize_layer(arena, lay, 0, cfg.symmetric)).to(dev)
@@ -67,14 +73,16 @@ def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: in
         if int4:
             arena.bytes(lay.region(0), lay.head_bytes).copy_(head)
             model.int4_layers = {0}
-        seqs = [Sequence([1] * n, SamplingParams(max_tokens=1), 0.0) for n in lens]
-        for s in seqs:
-            bm.grow(s.id, s.block_table, s.num_tokens)
-        runner.run([(s, s.num_tokens) for s in seqs])
-        for s in seqs:
-            bm.release(s.id, s.block_table)
+        for lens, temperature in ((long_lens, 0.0), (many_lens, 1.0)):
+            seqs = [Sequence([1] * n, SamplingParams(max_tokens=1, temperature=temperature), 0.0) for n in lens]
+            for s in seqs:
+                bm.grow(s.id, s.block_table, s.num_tokens)
+            runner.run([(s, s.num_tokens) for s in seqs])
+            for s in seqs:
+                bm.release(s.id, s.block_table)
         if runner.use_graphs:
-            runner.capture(model.state, mb)
+            for b in buckets:
+                runner.capture(model.state, b)
     torch.cuda.synchronize(dev)
     peak_alloc = torch.cuda.max_memory_allocated(dev) - a0 - arena.nbytes
     peak_res = torch.cuda.max_memory_reserved(dev) - r0 - arena_reserved
