@@ -259,7 +259,7 @@ def swap_overlap(llm, layer: int, batch: int, ctx: int, reps: int = 3, base_step
     for op, (issue, commit, over) in zip(ops, spans):
         # the baseline of an op's overlapped steps: the last quiet steps before it, in the same morph state
         # and at nearly the same context (decode slows as contexts grow and as the state changes)
-        before = [r for r in quiet if r.index < issue.index][-3:]
+        before = [r for r in quiet if r.index < issue.index and r.state == issue.state][-3:]
         overlapped += [r.end - r.start for r in over]
         adjacent += [_median([r.end - r.start for r in before])] * len(over)
         commits.append(commit.end - commit.start)
