@@ -42,6 +42,8 @@ profile = "cpu"           # "cpu": small sizes for CI; "gpu": the book's publish
 results_root = "results"  # where this run writes (the CPU build writes to a build folder)
 model = None              # None: the book's model (SmolLM2-135M-Instruct); or a local HF folder, a .gguf file, a hub id
 texts = None              # None: the book's corpus; or a .txt file or folder, or "hf:<dataset>"
+calibration_texts = None  # None: as texts; or your own calibration texts (a .txt file or folder), with:
+heldout_texts = None      # your own held-out texts (a .txt file or folder; this chapter reads calibration only)
 
 # %% [markdown]
 # ## Measure
@@ -56,7 +58,8 @@ from morphbook.experiments.sensitivity import Config, run
 from morphbook.publish.notebook import given, run_chapter, setup
 
 setup()
-cfg = Config.for_profile(profile, **given(model=model, texts=texts))
+cfg = Config.for_profile(profile, **given(model=model, texts=texts, calibration_texts=calibration_texts,
+                                          heldout_texts=heldout_texts))
 shown = run_chapter("sensitivity", run, cfg, results_root)
 
 # %% tags=["hide-input"]

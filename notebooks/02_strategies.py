@@ -50,6 +50,8 @@ profile = "cpu"           # "cpu": small sizes for CI; "gpu": the book's publish
 results_root = "results"  # where this run writes (the CPU build writes to a build folder)
 model = None              # None: the book's model (SmolLM2-135M-Instruct); or a local HF folder, a .gguf file, a hub id
 texts = None              # None: the book's corpus; or a .txt file or folder, or "hf:<dataset>"
+calibration_texts = None  # None: as texts; or your own calibration texts (a .txt file or folder), with:
+heldout_texts = None      # your own held-out texts (a .txt file or folder; its stem or name is the domain)
 ks = None                 # None: the profile's swap counts; or e.g. [2, 4, 8]
 
 # %% [markdown]
@@ -66,7 +68,8 @@ from morphbook.publish.notebook import given, run_chapter, setup
 from morphbook.publish.page import show_saved
 
 setup()
-cfg = strategies.Config.for_profile(profile, **given(model=model, texts=texts, ks=ks))
+cfg = strategies.Config.for_profile(profile, **given(model=model, texts=texts, calibration_texts=calibration_texts,
+                                                     heldout_texts=heldout_texts, ks=ks))
 shown = run_chapter("strategies", strategies.run, cfg, results_root)
 
 # %% tags=["hide-input"]
@@ -155,7 +158,8 @@ alt.Chart(sp).mark_bar().encode(x=alt.X("value:Q", title=None), y=alt.Y("count:N
 # held-out texts (0.5 = no difference; 95 % CI resamples whole windows).
 
 # %%
-if texts is None and model is None:  # the per-domain checks run on the book's own corpus and chapter 2's sets
+# the per-domain checks run on the book's own corpus and model, and on chapter 2's sets
+if texts is None and calibration_texts is None and model is None:
     dcfg = domains.Config.for_profile(profile)
     shown_d = run_chapter("domains", lambda c: domains.run(c, results_root=results_root), dcfg, results_root)
     HD = shown_d.headline

@@ -336,19 +336,26 @@ def test_converted_gguf_cache_key_follows_the_file(tmp_path):
     assert hf_folder(f, done) == done  # a completed conversion is reused, no reconversion
 
 
-def test_layer_costs_help_describes_every_option_and_default():
+@pytest.mark.parametrize("command", ["layer-costs", "bench", "bench-engine"])
+def test_cli_help_describes_the_command_and_every_option_with_its_default(command):
     import re
 
-    out = subprocess.run([sys.executable, "-m", "morphlib", "layer-costs", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "morphlib", command, "--help"], capture_output=True,
                          text=True, timeout=120).stdout
+    usage, options = out.split("\noptions:", 1)
+    assert len(usage.split("\n\n")) >= 2, f"{command} has no description"
     entries, current = {}, None
-    for line in out.split("options:", 1)[1].splitlines():
-        m = re.match(r"^  (--[\w-]+)", line)
+    for line in options.splitlines():
+        m = re.match(r"^  (-[-\w]+)", line)
         if m:
             current = m.group(1)
             entries[current] = line
         elif current:
             entries[current] += " " + line.strip()
-    for opt in ["--model", "--texts", "--group-size", "--symmetric", "--method", "--windows", "--calib-windows",
-                "--length", "--batch-size", "--seed", "--layers", "--device"]:
-        assert "(default:" in entries[opt], (opt, entries.get(opt))
+    entries.pop("-h")
+    assert len(entries) >= 8, entries
+    for opt, entry in entries.items():
+        what, default = (entry.split(opt, 1)[1].split("(default: ", 1) + [""])[:2]
+        assert len(what.split()) >= 3 and default.strip(), (opt, entry)  # says what it does, then its default
+    if command == "layer-costs":
+        assert {"--texts", "--calibration-texts", "--heldout-texts"} <= entries.keys()

