@@ -233,7 +233,7 @@ for claim, key in (("'contiguous >= LIS'", "verdict_contiguous_vs_lis"),
 # the cross-domain checks. The banner says which code made it.
 
 # %% tags=["hide-input"]
-fam = show_saved("strategies", "results/families/gemma3-270m-reduced", "Gemma-3 270M, CPU profile, primary protocol")
+fam = show_saved("strategies", "results/families/gemma3-270m", "Gemma-3 270M, CPU profile, primary protocol")
 if fam is not None:
     F = fam.headline
     for k, v in F["per_k"].items():

@@ -3,6 +3,8 @@
     python -m morphbook.run --profile gpu                                   # every chapter and benchmark
     python -m morphbook.run --profile gpu --only sensitivity,strategies     # a subset, in book order
     python -m morphbook.run --profile cpu --results _build/results-cpu --only burst
+    python -m morphbook.run --profile cpu --only sensitivity,strategies --set model=gemma3-270m \
+        --results results/families/gemma3-270m                              # another model
 
 Each experiment runs with its profile's published configuration (``Config.for_profile(profile)``) and
 writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``). A failing experiment is
@@ -26,18 +28,36 @@ from morphbook.publish.store import save_result
 from morphlib.errors import MorphError
 
 
-def run_isolated(name: str, profile: str, results_root: str) -> int:
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs -> {key: value}; a VALUE that parses as JSON (numbers, lists, true) is taken as such."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MorphError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model=gemma3-270m")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def run_isolated(name: str, profile: str, results_root: str, overrides: list[str] = ()) -> int:
     """Run one experiment in a fresh Python process (its own CUDA context: an experiment that turns on
     deterministic cuBLAS, e.g. chapter 2, must do so before any CUDA work, and must not impose it on
     the next one). Returns the process's exit status."""
     cmd = [sys.executable, "-m", "morphbook.run", "--profile", profile, "--results", results_root, "--one", name]
+    cmd += [arg for item in overrides for arg in ("--set", item)]
     return subprocess.run(cmd).returncode
 
 
-def run_one(name: str, profile: str, results_root: str) -> float:
-    """Run one experiment on ``profile`` and save it; returns its wall time."""
+def run_one(name: str, profile: str, results_root: str, overrides: dict | None = None) -> float:
+    """Run one experiment on ``profile`` (config fields replaced by ``overrides``) and save it; returns its
+    wall time."""
     module = importlib.import_module(chapter(name).experiment)
-    cfg = module.Config.for_profile(profile)
+    cfg = module.Config.for_profile(profile, **(overrides or {}))
     # an experiment that builds on another's results (e.g. domains on chapter 2's) reads them from results_root
     takes_root = "results_root" in inspect.signature(module.run).parameters
     result = module.run(cfg, results_root=results_root) if takes_root else module.run(cfg)
@@ -53,11 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated experiments (default: all, in book order): "
                                                  + ", ".join(c.name for c in ALL))
     ap.add_argument("--deadline", type=float, default=None, help="start no experiment after this many seconds")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="replace one config field of every experiment run, e.g. --set model=gemma3-270m "
+                         "(repeatable; VALUE parsed as JSON when it can be; default: none). Use it with --results "
+                         "pointing elsewhere: the committed results are the profile's own configuration")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one experiment in this process
     args = ap.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+    except MorphError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.one:
         try:
-            run_one(args.one, args.profile, args.results)
+            run_one(args.one, args.profile, args.results, overrides)
         except MorphError as exc:
             print(f"[{args.one}] error: {exc}", flush=True)
             return 2
@@ -79,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         print(f"[{name}] {args.profile} profile ...", flush=True)
-        if run_isolated(name, args.profile, args.results) != 0:  # a failure is reported by the child
+        if run_isolated(name, args.profile, args.results, args.set) != 0:  # a failure is reported by the child
             failed.append(name)
     print(f"done in {time.perf_counter() - t0:.0f} s; {len(names) - len(failed)} ok"
           + (f", failed or skipped: {', '.join(failed)}" if failed else ""), flush=True)
