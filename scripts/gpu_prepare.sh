@@ -32,7 +32,7 @@ du -sh .model-a .model-b .gpu-carry .whl
 cat <<TXT
 Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
 commit first: the provenance names commit $(git rev-parse --short HEAD)):
-  1. carry [".model-a"]:                       MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only kernels,transfer
-  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only sensitivity,strategies,domains
-  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_call.sh --only engine,overlap,burst
+  1. carry [".model-a"]:                       MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only kernels,transfer
+  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only sensitivity,strategies,domains
+  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only engine,overlap,burst
 TXT
