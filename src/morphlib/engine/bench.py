@@ -12,7 +12,9 @@
 * Top-1 agreement with HF (bf16, teacher forcing: HF re-reads the engine's greedy sequence) on two prompt
   sets of 32 prompts x 64 new tokens: English text (starts of the default corpus's held-out windows; the
   headline when the corpus is in the cache) and uniformly random token ids (flat distributions, many
-  near-ties); at each disagreement, HF's logit gap between its top-1 and the engine's token.
+  near-ties); at each disagreement, HF's logit gap between its top-1 and the engine's token. The same
+  comparison for HF's own greedy decode (incremental, with its KV cache) vs its teacher forcing says how
+  far two bf16 evaluations of one model agree at all: the ceiling an engine can be held to.
 * Swap: one layer's INT4 bytes (and its 16-bit bytes for the restore) copied on the engine's copy
   stream while a batch decodes; copy bandwidth from events on the copy stream vs the same copy alone;
   slowdown = total time of the steps that ran while a copy was in flight / the same number of steps at
@@ -226,6 +228,21 @@ def hf_agreement(hf_model, prompts: list[list[int]], outputs: list[list[int]]) -
             "disagreement_logit_gap_max": max(gaps, default=None)}
 
 
+def hf_greedy(model, prompts: list[list[int]], new: int = 64) -> list[list[int]]:
+    """HF's own greedy continuations, one prompt at a time (no padding), incremental decode with its KV
+    cache, end-of-sequence ignored: what teacher forcing is compared against to see how far HF agrees
+    with itself in this dtype."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=model.device)
+            outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)[0, len(p):].tolist())
+    return outs
+
+
 def top1_agreement(llm, hf_model, prompts: list[list[int]], new: int = 64) -> dict:
     """Engine greedy tokens vs HF top-1 at the same prefix (``engine_greedy`` then ``hf_agreement``)."""
     return hf_agreement(hf_model, prompts, engine_greedy(llm, prompts, new))
@@ -352,10 +369,15 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
         out["top1"]["text"] = top1_agreement(llm, hf_model, texts)
     else:
         out["notes"].append("top-1 agreement on text prompts not measured: no real weights or no corpus in the cache")
+    for kind, prompts in (("random_tokens", random_prompts(llm.spec.vocab)), ("text", texts)):
+        if kind in out["top1"]:  # the same comparison for HF's own incremental decode: HF vs itself
+            out["top1"][kind]["hf_incremental_vs_teacher_forced"] = hf_agreement(hf_model, prompts,
+                                                                              hf_greedy(hf_model, prompts))
     for kind, a in out["top1"].items():
         log(f"  top-1 agreement with HF (bf16), {kind} prompts: {a['agreement']:.4f} over {a['positions']} positions "
             f"({a['disagreements']} disagreements, median HF logit gap {a['disagreement_logit_gap_median'] or 0:.3f}; "
-            f"{a['agreement_within_bf16_ulp']:.4f} counting near-ties within one bf16 ulp)")
+            f"{a['agreement_within_bf16_ulp']:.4f} counting near-ties within one bf16 ulp); HF's own incremental "
+            f"decode vs its teacher forcing: {a['hf_incremental_vs_teacher_forced']['agreement']:.4f}")
     agree = out["top1"].get("text", out["top1"]["random_tokens"])
     for state in ("fp16", "int4"):
         if state == "int4":
@@ -454,6 +476,7 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
     headline["gpu_top1_agreement_vs_hf"]["prompts"] = "text" if "text" in out["top1"] else "random_tokens"
     headline["gpu_top1_agreement_vs_hf"]["random_token_prompts"] = out["top1"]["random_tokens"]["agreement"]
     headline["gpu_top1_agreement_vs_hf"]["within_bf16_ulp"] = agree["agreement_within_bf16_ulp"]
+    headline["gpu_top1_agreement_vs_hf"]["hf_own_incremental_decode"] = agree["hf_incremental_vs_teacher_forced"]["agreement"]
     out["headline"] = headline
     out["seconds"] = time.perf_counter() - t_start
     return out
