@@ -10,6 +10,19 @@ class MorphError(RuntimeError):
     """A user-facing error: bad model name, group size, layer index, text, trace, device..."""
 
 
+def check_int(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """``value`` as an int if it is an integer (numpy integers too, never a bool) in [lo, hi], else a
+    one-line MorphError naming ``name``. The library's one integer check."""
+    ok = not isinstance(value, bool) and hasattr(value, "__index__")
+    if ok:
+        value = int(value.__index__())
+        ok = value >= lo and (hi is None or value <= hi)
+    if not ok:
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise MorphError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
 def one_line_errors(fn):
     """Decorator for command-line entry points: a MorphError exits with one line, not a traceback."""
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from morphlib.assets import cache_dir, gemma3_gguf, smollm2_gguf
+from morphlib.device import default_device, resolve_device  # noqa: F401  (re-exported for callers)
 from morphlib.errors import MorphError
 from morphlib.shapes import shape_config
 
@@ -43,16 +44,6 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
            "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
            "gemma3-270m": "gemma3-270m", "gemma-3-270m": "gemma3-270m", "google/gemma-3-270m": "gemma3-270m"}
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device) -> torch.device:
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MorphError("device 'cuda' was asked for but no CUDA GPU is available here")
-    return dev
 
 
 def _export_smollm2() -> Path:
