@@ -167,7 +167,7 @@ def test_gpu_int4_layers_within_int4linear_tolerance_and_swap_during_decode():
     x = torch.randn(5, 576, device="cuda", dtype=torch.bfloat16)
     for name in ("q_proj", "gate_proj"):
         # the engine's INT4 output vs the bf16 weight it came from, against Int4Linear's own error there
-        w16 = llm.morph.fp16_host[layer].cuda()[lay.fp16["qkv" if name == "q_proj" else "gate_up"].offset:]
+        w16 = llm.copies.fp16_host[layer].cuda()[lay.fp16["qkv" if name == "q_proj" else "gate_up"].offset:]
         n, k = lay.shapes[name]
         w = w16[:n * k * 2].view(torch.bfloat16).view(n, k)
         ref = Int4Linear.from_weight(w, group_size=lay.group_size)

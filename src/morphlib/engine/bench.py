@@ -252,7 +252,7 @@ def swap_overlap(llm, layer: int, batch: int, ctx: int, reps: int = 3, base_step
     """Swap ``layer`` to INT4 and back ``reps`` times while ``batch`` sequences decode."""
     from morphlib.engine import SamplingParams
 
-    lay, morph = llm.layout, llm.morph
+    lay, morph = llm.layout, llm.copies
     stage = llm.arena.bytes(lay.slot(0), lay.head_bytes)
     bw_int4 = h2d_bandwidth(morph.int4_host[layer][:lay.head_bytes], stage)
     tail = lay.region_bytes - lay.head_bytes
