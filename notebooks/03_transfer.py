@@ -27,7 +27,8 @@
 # Every copy lands in **real weight storage**: the layers' `nn.Linear` weights (and the INT4
 # twins' packed buffers) are views into one device buffer per precision, so a copy overwrites the
 # tensors the model computes with. Weights are random (a timing experiment needs real sizes, not
-# real values), with the shapes of public models.
+# real values), with the shapes of public models. The serving engine's own swap copies, measured
+# while it decodes, are on the {doc}`/book/benchmarks` page.
 
 # %% tags=["parameters"]
 profile = "cpu"           # "cpu": small, for CI (the labelled CPU fallback); "gpu": the published numbers (needs CUDA)
@@ -43,11 +44,15 @@ device = None             # None: CUDA when available, else the labelled CPU fal
 # layer count *k*, we copy either a **block** (the *k* middle layers) or *k* **scattered** layers
 # (spread evenly over the depth), each with three packings:
 #
+# :::{table} The three packings of a swap's copies
+# :name: tbl-ch3-packings
+#
 # | packing | copies for *k* layers | what it models |
 # | --- | --- | --- |
 # | `tensor` | 7*k* (FP16) or 14*k* (INT4: packed + scales) | one copy per weight tensor, as a naive swap does |
 # | `layer` | *k* | one contiguous buffer per layer, one copy each (MorphServe's design) |
 # | `run` | one per run of adjacent layers: 1 for a block, *k* if scattered | a whole block stored and copied as one |
+# :::
 #
 # Block and scattered with the `layer` packing issue the *same number of copies of the same
 # sizes*: any difference between them would have to come from where the bytes sit in memory.
@@ -76,6 +81,9 @@ shown = run_chapter("transfer", run, cfg, results_root)
 import altair as alt
 from IPython.display import Markdown, display
 
+from morphbook.publish import fmt
+from morphbook.publish.tables import show_table
+
 figures, params = shown.headline, shown.params
 if shown.summary["provenance"].get("device") == "cpu" or "CPU fallback" in str(figures.get("timer")):
     display(Markdown("```{warning}\n**CPU fallback: no PCIe, numbers are memcpy.** These copies go from one host "
@@ -83,11 +91,18 @@ if shown.summary["provenance"].get("device") == "cpu" or "CPU fallback" in str(f
 timings, ceiling, layer_bytes = shown.frame("timings.json"), shown.frame("ceiling.json"), shown.frame("layer_bytes.json")
 print(f"shapes {', '.join(params['shapes'])}; {params['repeats']} timed rounds after {params['warmup']} warm-up "
       f"rounds; device {params['device']}, {params['threads']} thread(s)")
-timings[["shape", "payload", "layers", "contiguity", "packing", "copies", "median_ms", "p99_ms", "gbps"]].round(3).head(12)
+show_table(timings.head(12), {"shape": "shape", "payload": "payload", "layers": "layers", "contiguity": "layout",
+                               "packing": "packing", "copies": "copies", "median_ms": "median (ms)", "p99_ms": "p99 (ms)",
+                               "gbps": "GB/s"},
+           "Copy times, the first 12 conditions (all of them are in timings.json)", "tbl-ch3-timings",
+           formats={"median_ms": fmt.auto, "p99_ms": fmt.auto, "gbps": lambda v: fmt.num(v, 1)})
 
 # %%
-layer_bytes.assign(fp16_mb=layer_bytes.fp16_bytes / 2**20, int4_mb=layer_bytes.int4_bytes / 2**20)[
-    ["shape", "layers", "fp16_mb", "int4_mb", "int4_ratio"]].round(3)
+show_table(layer_bytes.assign(fp16_mb=layer_bytes.fp16_bytes / 2**20, int4_mb=layer_bytes.int4_bytes / 2**20),
+           {"shape": "shape", "layers": "layers", "fp16_mb": "FP16 per layer (MiB)", "int4_mb": "INT4 per layer (MiB)",
+            "int4_ratio": "INT4 / FP16"},
+           "Bytes a swap moves per decoder layer", "tbl-ch3-bytes",
+           formats={"fp16_mb": fmt.num, "int4_mb": fmt.num, "int4_ratio": lambda v: fmt.num(v, 3)})
 
 # %% [markdown]
 # ### Bandwidth against copy size
@@ -116,7 +131,7 @@ block = timings[timings.contiguity == "block"]
 order = ["tensor", "layer", "run"]
 base = alt.Chart().encode(x=alt.X("layers:O", title="layers copied (block)"),
                           xOffset=alt.XOffset("packing:N", sort=order))
-bars = base.mark_bar().encode(y=alt.Y("median_ms:Q", title="median ms"), color=alt.Color("packing:N", sort=order),
+bars = base.mark_bar().encode(y=alt.Y("median_ms:Q", title="median copy time (ms)"), color=alt.Color("packing:N", sort=order),
                               tooltip=["shape", "payload", "layers", "packing", "copies", "median_ms", "p99_ms"])
 ticks = base.mark_tick(color="black", thickness=2, size=10).encode(y="p99_ms:Q")  # p99
 alt.layer(bars, ticks, data=block).properties(width=220, height=180).facet(

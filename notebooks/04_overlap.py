@@ -26,7 +26,8 @@
 #   work, and the compute stream waits for it (an event) only before the step that uses the layers.
 #
 # The synchronous and side-stream runs switch the weights before the same forward pass, so they
-# must produce **identical tokens**; we check that too (a missing wait would be a race).
+# must produce **identical tokens**; we check that too (a missing wait would be a race). The serving
+# engine's decode slowdown while a layer is copied, with CUDA graphs, is on the {doc}`/book/benchmarks` page.
 
 # %% tags=["parameters"]
 profile = "cpu"           # "cpu": small, for CI (CPU fallback: no streams); "gpu": the published numbers (needs CUDA)
@@ -64,6 +65,11 @@ import altair as alt
 import pandas as pd
 from IPython.display import Markdown, display
 
+from morphbook.publish import fmt
+from morphbook.publish.glue import glue_all
+from morphbook.publish.readings import overlap as reading
+from morphbook.publish.tables import show_table
+
 if shown.summary["provenance"].get("device") == "cpu":
     display(Markdown("```{warning}\n**CPU fallback: no CUDA streams.** A swap on CPU only re-points modules (host "
                      "memory is the device), so there is no copy to overlap: only the no-swap and synchronous runs "
@@ -73,7 +79,19 @@ print(f"{params['model']} on {params['device']}: swapping layers {params['layers
       f"batch {params['batch']}, prompts of {params['prompt_len']} tokens, {params['steps']} steps, a swap or "
       f"restore every {params['interval']}, {params['rounds']} round(s)")
 steps_df = shown.frame("steps.json")
-pd.Series(shown.json("stats.json")).round(3)
+stats = shown.json("stats.json")
+glue_all(reading.texts(stats, shown.json("steps.json"), shown.headline), prefix="ch4-")
+RUNS = {"none": "no swap", "sync": "synchronous", "async": "side stream"}
+show_table([{"mode": RUNS[m], "plain": stats.get(f"{m}_plain_ms"), "swap": stats.get(f"{m}_swap_step_ms"),
+             "swap_stall": stats.get(f"{m}_swap_stall_ms"), "restore": stats.get(f"{m}_restore_step_ms"),
+             "restore_stall": stats.get(f"{m}_restore_stall_ms")} for m in ("none", "sync", "async")
+            if stats.get(f"{m}_plain_ms") is not None],
+           {"mode": "run", "plain": "uneventful step (ms)", "swap": "step carrying a swap (ms)",
+            "swap_stall": "its stall, like for like (ms)", "restore": "step carrying a restore (ms)",
+            "restore_stall": "its stall (ms)"},
+           "Median step times of each run (the stall compares a carrying step with uneventful steps of the same "
+           "precision)", "tbl-ch4-steps", formats={k: fmt.auto for k in ("plain", "swap", "swap_stall", "restore",
+                                                                         "restore_stall")})
 
 # %% [markdown]
 # ### Per-step latency
@@ -83,39 +101,34 @@ pd.Series(shown.json("stats.json")).round(3)
 # the side-stream run it is enqueued after the step's forward pass and must finish before the next.
 
 # %%
-steps_df["run"] = steps_df["mode"] + " #" + steps_df["round"].astype(str)
-line = alt.Chart().mark_line(strokeWidth=1).encode(
-    x=alt.X("step:Q", title="decode step"), y=alt.Y("ms:Q", title="step time (ms)"),
-    detail="run:N", color=alt.Color("mode:N", sort=["none", "sync", "async"]))
-marks = alt.Chart().mark_point(size=80, filled=True).encode(
+steps_df["run"] = steps_df["mode"].map(RUNS) + " #" + steps_df["round"].astype(str)
+steps_df["mode name"] = steps_df["mode"].map(RUNS)
+top = float(steps_df["ms"].quantile(0.99)) * 1.15  # a few outliers above the 99th percentile would flatten the rest
+line = alt.Chart().mark_line(strokeWidth=1, clip=True).encode(
+    x=alt.X("step:Q", title="decode step"),
+    y=alt.Y("ms:Q", title="step time (ms)", scale=alt.Scale(domain=[0, top], clamp=True)),
+    detail="run:N", color=alt.Color("mode name:N", title="run", sort=list(RUNS.values())))
+marks = alt.Chart().mark_point(size=80, filled=True, clip=True).encode(
     x="step:Q", y="ms:Q", shape=alt.Shape("carried:N", title="step carried"), color=alt.value("black"),
-    tooltip=["mode", "round", "step", "ms", "state", "carried"]).transform_filter(alt.datum.carried != "")
-alt.layer(line, marks, data=steps_df).properties(width=560, height=150).facet(
-    row=alt.Row("mode:N", title=None, sort=["none", "sync", "async"])).properties(title="Decode step times")
+    tooltip=["mode name", "round", "step", "ms", "state", "carried"]).transform_filter(alt.datum.carried != "")
+alt.layer(line, marks, data=steps_df).properties(width=520, height=140).facet(
+    row=alt.Row("mode name:N", title="run", sort=list(RUNS.values()))).properties(
+    title=f"Decode step times (axis cut at {top:.0f} ms; {int((steps_df['ms'] > top).sum())} slower steps above it)")
 
 # %%
-table = steps_df.assign(kind=steps_df.carried.replace("", "no swap")).groupby(["mode", "kind", "state"])["ms"].agg(
+table = steps_df.assign(kind=steps_df.carried.replace("", "no swap")).groupby(["mode name", "kind", "state"])["ms"].agg(
     ["count", "median", lambda s: s.quantile(0.9)]).rename(columns={"<lambda_0>": "p90"}).reset_index()
 alt.Chart(table).mark_bar().encode(
-    x=alt.X("kind:N", title=None, sort=["no swap", "swap", "restore"]), y=alt.Y("median:Q", title="median step (ms)"),
-    color=alt.Color("state:N", title="forward in"), xOffset="state:N", column=alt.Column("mode:N", title=None),
-    tooltip=["mode", "kind", "state", "count", "median", "p90"]).properties(width=150, height=170, title="Median step time")
+    x=alt.X("kind:N", title="step", sort=["no swap", "swap", "restore"]), y=alt.Y("median:Q", title="median step (ms)"),
+    color=alt.Color("state:N", title="forward in"), xOffset="state:N",
+    column=alt.Column("mode name:N", title="run", sort=list(RUNS.values())),
+    tooltip=["mode name", "kind", "state", "count", "median", "p90"]).properties(width=140, height=170,
+                                                                               title="Median step time")
 
-# %%
-h = shown.headline
-f = lambda x, spec=".2f": "n/a" if x is None else format(x, spec)  # noqa: E731
-lines = [f"* No swap: **{f(h['tpot_ms_no_swap'])} ms** per decode step (batch {params['batch']}).",
-         f"* Synchronous swap of {h['layers_swapped']} layers: the call takes {f(h['swap_ms'])} ms and its step "
-         f"{f(h['tpot_ms_sync_swap_step'])} ms ({f(h['sync_swap_stall_ms'])} ms more than a plain step); a restore "
-         f"call takes {f(h['restore_ms'])} ms ({f(h['sync_restore_stall_ms'])} ms of stall)."]
-if h.get("tpot_ms_async_swap_step") is not None:
-    lines.append(f"* Side-stream swap: the carrying step takes {f(h['tpot_ms_async_swap_step'])} ms "
-                 f"({f(h['async_swap_stall_ms'])} ms over a plain step); restore: {f(h['async_restore_stall_ms'])} ms. "
-                 f"Tokens equal to the synchronous run: **{f(h['async_tokens_match_sync'], '.0%')}**.")
-if h.get("freed_mib_measured") is not None:
-    lines.append(f"* A swap released {f(h['freed_mib_measured'], '.1f')} MiB of device memory "
-                 f"(expected {f(h['freed_mib_expected'], '.1f')} MiB).")
-display(Markdown("\n".join(lines)))
+# %% [markdown]
+# ### What the numbers say
+#
+# {glue:md}`ch4-overlap`
 
 # %% [markdown]
 # Reading guide. At this model size a decode step of Hugging Face's eager implementation is
