@@ -12,6 +12,7 @@ import pytest
 
 from morphbook.experiments.base import Result
 from morphbook.publish import benchmarks, cells, findings, fmt, glue, page, store, tables, timings
+from morphlib import fingerprint
 from morphlib.errors import MorphError
 from test_results import FakeConfig  # a config whose profile defaults are known
 
@@ -112,13 +113,14 @@ def test_present_file_round_trip(tmp_path):
 # --------------------------------------------------------------------------- provenance
 def _save(root, chapter, profile, device, params=None, headline=None, edit=None):
     store.save_result(chapter, Result({"profile": profile, "model": "smollm2-135m", **(params or {})},
-                                      headline or {"v": 1}, {"r.json": [1]}, 12.0), root)
+                                      headline or {"v": 1}, {"r.json": [1]}, 12.0), root,
+                      recording=fingerprint.Recording())
     path = root / chapter / "summary.json"
     data = json.loads(path.read_text())
     data["provenance"].update(device=device, gpu="H200" if "H200" in device else None,
                               git={"commit": "abcdef123456", "dirty": False})
     if edit == "stale":
-        data["provenance"]["code_hash"] = "0" * 64
+        data["provenance"]["fingerprint"] = {"morphlib/errors.py::check_int": "0" * 16}
     path.write_text(json.dumps(data))
     if edit == "modified":
         (root / chapter / "r.json").write_text("[2]")
