@@ -72,12 +72,14 @@ class EngineCore:
         self.record_steps = True
         self.num_steps = 0
         self.next_id = 0
+        self.arrived_blocks = 0
         self.last_step_s = FIRST_STEP_S
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams, arrival: float) -> Sequence:
         seq = Sequence(self.next_id, prompt, params, arrival)
         self.next_id += 1
+        self.arrived_blocks += -(-(len(prompt) + params.max_tokens) // self.config.block_size)
         self.scheduler.add(seq)
         return seq
 
@@ -89,9 +91,12 @@ class EngineCore:
     def info(self, now: float) -> StepInfo:
         sch, bm = self.scheduler, self.bm
         oldest = min((s.arrival for s in sch.waiting), default=now)
+        bs = self.config.block_size
+        need = sum(-(-s.num_tokens // bs) for s in sch.waiting)
         return StepInfo(self.num_steps, now, bm.num_used, bm.capacity, bm.num_free, len(sch.waiting),
                         len(sch.running), now - oldest, tuple(sorted(self.morph.order)),
-                        tuple((op.layer, op.to, op.phase) for op in self.morph.pending), sch.num_preemptions)
+                        tuple((op.layer, op.to, op.phase) for op in self.morph.pending), sch.num_preemptions,
+                        need, self.next_id, self.arrived_blocks)
 
     # ------------------------------------------------------------------ the step
     def step(self, now: float) -> StepPlan:
@@ -176,6 +181,6 @@ class EngineCore:
         sch.preempted, sch.admitted = [], []
         self.morph.reset()
         self.steps.clear()
-        self.num_steps = self.next_id = 0
+        self.num_steps = self.next_id = self.arrived_blocks = 0
         self.last_step_s = FIRST_STEP_S
         self.copies.reset()

@@ -65,10 +65,18 @@ class StepInfo:
     int4_layers: tuple
     pending: tuple
     preemptions: int = 0  # so far
+    waiting_blocks: int = 0  # KV blocks the waiting requests need for the tokens they hold now
+    arrived_requests: int = 0  # requests added so far (since construction or ``reset``)
+    arrived_blocks: int = 0  # KV blocks those requests need when complete (prompt + max_tokens), summed
 
     @property
     def kv_usage(self) -> float:
         return self.kv_used / max(1, self.kv_used + self.kv_free)
+
+    @property
+    def demand(self) -> float:
+        """KV blocks in use plus those the queue needs, over the capacity (above 1: the queue cannot fit)."""
+        return (self.kv_used + self.waiting_blocks) / max(1, self.kv_used + self.kv_free)
 
 
 def _pct(a, p) -> float:
