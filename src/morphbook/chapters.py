@@ -39,7 +39,8 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("transfer", 3, "Swap transfer cost", "notebooks/03_transfer.py", "morphbook.experiments.transfer", "gpu"),
     Chapter("overlap", 4, "Overlapping swaps with decoding", "notebooks/04_overlap.py",
             "morphbook.experiments.overlap", "gpu"),
-    Chapter("burst", 5, "Serving a bursty trace", "notebooks/05_burst.py", "morphbook.experiments.burst", "cpu or gpu"),
+    Chapter("burst", 5, "Serving a bursty trace", "notebooks/05_burst.py", "morphbook.experiments.burst", "cpu or gpu",
+            uses=("strategies",)),
     Chapter("vllm", 6, "Swapping inside vLLM", "notebooks/06_vllm.py", "morphbook.experiments.vllm", "cpu",
             kernel="morphbook-vllm", uses=("strategies",)),
 )

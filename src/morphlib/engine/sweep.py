@@ -15,7 +15,8 @@ number of requests clipped to the context and the engine's KV sizing.
 
 A simulator task is a plain dict (picklable, JSON-able): ``model`` (a shape name or an HF config dict),
 ``engine`` (``EngineConfig`` fields), ``step_time`` (``StepTimeFit.to_dict()``), ``trace`` (``arrival_s``,
-``context_tokens``, ``generated_tokens``, ``name``), ``measured`` (a mask), and ``serve``'s options.
+``context_tokens``, ``generated_tokens``, ``name``), ``measured`` (a mask), ``serve``'s options, and
+``workspace_bytes`` when the KV pool is sized from a budget (``EngineConfig.card``) rather than given.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def simulate(task: dict) -> dict:
     model = task["model"]
     if isinstance(model, dict):
         model = {**model, "model_type": "llama"}
-    sim = Simulator(model, engine_config(task["engine"]), StepTimeFit.from_dict(task["step_time"]))
+    sim = Simulator(model, engine_config(task["engine"]), StepTimeFit.from_dict(task["step_time"]),
+                    workspace_bytes=task.get("workspace_bytes", 0))
     payload = serve(sim, _trace(task["trace"]), task["measured"], controller=task.get("controller"),
                     static=task.get("static", ()), warmup=task.get("warmup", 0), idle_tick_s=task.get("idle_tick_s"),
                     seed=task.get("seed", 0))

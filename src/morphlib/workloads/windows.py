@@ -3,7 +3,8 @@ transforms chapter 5 replays them with.
 
 * ``window_starts(trace, length_s, which)``: ``"busiest"`` — the start (on a ``grid_s`` grid) of the
   ``length_s`` window into which the most tokens (prompt + output) arrive; ``"median"`` — the window
-  whose token count is the median of all windows' (the earliest of the closest); ``"tiled"`` — every
+  whose token count is the median of all windows' that hold a request (the earliest of the closest);
+  ``"tiled"`` — every
   whole non-overlapping window from the first request on.
 * ``replay_window(trace, start_s, length_s, preroll_s)``: the requests arriving in
   ``[start_s - preroll_s, start_s + length_s)``, times counted from the pre-roll's start, with the time
@@ -60,6 +61,7 @@ def window_starts(trace: Trace, length_s: float, which: str, grid_s: float = 1.0
     starts, tokens = window_tokens(trace, length_s, grid_s)
     if which == "busiest":
         return [float(starts[int(np.argmax(tokens))])]
+    starts, tokens = starts[tokens > 0], tokens[tokens > 0]  # a window with no request is no window to replay
     return [float(starts[int(np.argmin(np.abs(tokens - np.median(tokens))))])]
 
 
