@@ -80,7 +80,8 @@ def build_llm(setting: Setting, fields: dict, seed: int = 0, clock=None):
 
 
 def close(llm) -> None:
-    llm.close()
+    if hasattr(llm, "close"):
+        llm.close()
     del llm
     gc.collect()
     try:
@@ -95,8 +96,8 @@ def close(llm) -> None:
 def engine_record(llm) -> dict:
     lay = llm.layout
     rec = {"main_blocks": lay.main_blocks, "tail_blocks": lay.tail_blocks, "block_size": lay.block_size,
-           "weights": getattr(llm, "morphbook_weights", None), "device": str(llm.device)}
-    mem = llm.memory_report()
+           "weights": getattr(llm, "morphbook_weights", None), "device": str(getattr(llm, "device", "simulator"))}
+    mem = llm.memory_report() if hasattr(llm, "memory_report") else {}  # the simulator has no device memory
     rec["memory"] = {k: v for k, v in mem.items() if not isinstance(v, dict)}
     return rec
 
