@@ -14,8 +14,11 @@ between steps) is modelled from what the engine core decides at the boundary:
 * an idle step (no batch): ``idle_s``.
 
 The coefficients are non-negative (``scipy.optimize.nnls`` on relative residuals: every step counts for
-its share of its own time). ``fit_step_time(rows)`` takes step rows (``step_row``: plain dicts of a
-``StepRecord``) and returns the model with its report (fit and held-out errors).
+its share of its own time), fitted on the medians of like steps (same scenario, path, bucket, tokens,
+sequences and INT4 layers), so that a step the operating system delayed does not pull the model (on a
+shared CPU a decode step takes either its time or several times it). ``fit_step_time(rows)`` takes step
+rows (``step_row``: plain dicts of a ``StepRecord``) and returns the model with its report (fit and
+held-out errors, over the individual steps).
 """
 
 from __future__ import annotations
@@ -165,11 +168,16 @@ def fit_step_time(rows: list[dict], *, buckets=(), knots=DEFAULT_KNOTS, holdout=
     top = max(r["num_tokens"] for r in plain)  # knots up to the largest step seen (linear beyond it)
     buckets = tuple(int(b) for b in buckets)
     knots = tuple(sorted({int(k) for k in knots if k < top} | {int(top)}))
-    a = _design(plain, buckets, knots)
-    obs = np.array([r["period"] for r in plain])
+    groups: dict[tuple, list[dict]] = {}
+    for r in plain:
+        groups.setdefault((r.get("scenario"), r["path"], r["bucket"], r["num_tokens"], r["num_seqs"], r["int4"]), []).append(r)
+    like = [{**g[0], "context_sum": float(np.median([r["context_sum"] for r in g])),
+             "period": float(np.median([r["period"] for r in g]))} for g in groups.values()]
+    a = _design(like, buckets, knots)
+    obs = np.array([r["period"] for r in like])
     used = a.any(axis=0)
     coef = np.zeros(a.shape[1])
-    coef[used], _ = nnls(a[:, used] / obs[:, None], np.ones(len(plain)), maxiter=50 * a.shape[1])
+    coef[used], _ = nnls(a[:, used] / obs[:, None], np.ones(len(like)), maxiter=50 * a.shape[1])
     coef = [float(c) for c in coef]
     nb, nk = len(buckets), len(knots)
     idle = [r["period"] for r in rows if not r["num_seqs"] and r["period"] > 0]
