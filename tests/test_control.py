@@ -157,6 +157,9 @@ def test_surge_onsets_and_lead_times_by_hand():
     leads = lead_times(events, [1.0, 6.0], lookback_s=3, lag_s=1)
     assert [(x.first_swap, x.lead_s) for x in leads] == [(0.4, pytest.approx(0.6)), (6.5, -0.5)]
     assert lead_times([], [1.0])[0].lead_s is None
+    # one swap between two onsets answers the first only
+    once = lead_times([{"t": 1.5, "action": "swap"}], [1.0, 6.0], lookback_s=10, lag_s=10)
+    assert [x.first_swap for x in once] == [1.5, None]
 
 
 def test_make_controller_and_one_line_errors():

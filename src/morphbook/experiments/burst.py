@@ -143,7 +143,8 @@ def _records(cfg: Config, plan: Plan, setting, sets: dict) -> tuple[dict | None,
         made = {}
         for s in plan.setting_slices(setting.name):
             made.update(replay_window_policies(plan, setting, s.window, s.replays, cal, sets, traces_dir=cfg.traces_dir))
-        index = [{"key": k, "state": "ok", "why": "", "made": "this run (CPU engine)", "file": None} for k in made]
+        index = [{"key": k, "state": "ok", "why": "", "made": "this run (CPU engine)", "file": None}
+                 for k in [f"{setting.name}.calibrate", *made]]
         return cal, list(made.values()), index
     loaded = [x for x in read_records(Path(cfg.replays_dir), plan.digest) if x.record.get("setting") == setting.name
               or x.state == "unreadable"]
@@ -378,14 +379,16 @@ def comparison(plan: Plan, settings: dict) -> list[dict]:
                     for wk, c in ours) or "no engine replay yet"
     spd = "; ".join(f"{wk}: {fmt_ci(c['p95_ttft_speedup_vs_fp16'], c['p95_ttft_speedup_vs_fp16_ci95'], 'x')}"
                     for wk, c in ours) or "no engine replay yet"
-    devices = sorted({r["device"] for r in s.get("per_replay", []) if r.get("device")})
+    devices = ", ".join(sorted({r["device"] for r in s.get("per_replay", []) if r.get("device")})) or "no replay yet"
+    card = plan.setting(name).engine.get("card")
+    budget = f"with the {card}'s memory budget" if card else f"with the KV pool capped ({plan.setting(name).label})"
     rates = ", ".join(f"{k}: {r['rate']:g} req/s" for k, r in (s.get("rates") or {}).items())
     return [
         {"aspect": "SLO violations vs 16-bit serving", "paper": f"-{PAPER['slo_violation_reduction_pct']} %",
          "here": red},
         {"aspect": "P95 TTFT speedup vs 16-bit serving", "paper": "2.2-3.9x", "here": spd},
         {"aspect": "card", "paper": "NVIDIA L4 (24 GB)",
-         "here": f"{', '.join(devices) or 'no GPU replay yet'} with the L4's memory budget (compute ~10x, copies ~2x an L4's)"},
+         "here": f"{devices} {budget}; an H100 or H200 computes ~10x an L4, copies over PCIe ~2x"},
         {"aspect": "model", "paper": "Llama-2-7B (real weights)", "here": f"{s['label']}"},
         {"aspect": "engine", "paper": "MorphServe (vLLM-based)", "here": "morphlib.engine (one core; CUDA graphs; paced side copies)"},
         {"aspect": "INT4 kernels", "paper": "the paper's INT4 kernels",

@@ -337,12 +337,12 @@ class Lead:
 
 def lead_times(events: list[dict], onsets: list[float], lookback_s: float = 10.0, lag_s: float = 10.0) -> list[Lead]:
     """Per surge onset: the first swap asked for within ``lookback_s`` before it (after the previous onset) or
-    ``lag_s`` after it, and how far ahead of the onset that was."""
+    ``lag_s`` after it, and how far ahead of the onset that was. A swap answers one surge at most."""
     swaps = sorted(e["t"] for e in events if e["action"] == "swap")
-    out, prev = [], -math.inf
+    out, prev, used = [], -math.inf, -math.inf
     for onset in onsets:
-        lo = max(prev, onset - lookback_s)
+        lo = max(prev, onset - lookback_s, used)
         first = next((t for t in swaps if lo < t <= onset + lag_s), None)
         out.append(Lead(onset, first, None if first is None else onset - first))
-        prev = onset
+        prev, used = onset, used if first is None else first
     return out
