@@ -122,13 +122,13 @@ class StaticController(Logged):
 class Marks:
     """When the reactive and predictive controllers act (see the module doc)."""
 
-    high: float = 0.85
-    low: float = 0.60
-    persist_s: float = 0.1
-    restore_after_s: float = 2.0
-    dwell_s: float = 5.0
-    step: int = 4
-    signal: str = "demand"
+    high: float = 0.85  # swap when the signal stays at or above this share of the capacity ...
+    persist_s: float = 0.1  # ... for this long
+    low: float = 0.60  # restore when it stays below this share ...
+    restore_after_s: float = 2.0  # ... for this long (and the freed tail can be vacated)
+    dwell_s: float = 5.0  # no action within this long of the opposite one
+    step: int = 4  # layers per swap or restore
+    signal: str = "demand"  # "demand" (in use + queued need) or "usage" (in use)
 
     def __post_init__(self):
         _number("Marks", "high", self.high, 0.0, open_lo=True)
