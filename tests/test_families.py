@@ -15,10 +15,10 @@ import torch
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import domain_windows, make_windows, special_prefix, tokenize_text
 from morphlib.eval.metrics import Reference, score, window_nll
-from morphlib.models import (check_family, decoder_layers, layer_linears, lm_head_logits, load_model,
-                             one_pass_exact, synthetic_model)
+from morphlib.models import load_model, synthetic_model
 from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.sanity import check_model
+from morphlib.structure import check_family, decoder_layers, layer_linears, lm_head_logits, one_pass_exact
 
 # ----------------------------------------------------------------------------- SmolLM2: nothing moved
 # Recorded with the code before BOS/sanity/family support (commit c33df86), on the project's CPU machines.
@@ -84,7 +84,7 @@ def test_smollm2_scores_bitwise_unchanged(model, tok):
 
 @pytest.mark.slow
 def test_smollm2_awq_and_layer_passes_bitwise_unchanged(model, tok, rtn_morpher):
-    from morphlib.quant.awq import awq_scales
+    from morphlib.awq import awq_scales
     from morphlib.select.sensitivity import layer_passes
 
     ids = make_windows(tok, "calibration", 4, 64, seed=0).ids

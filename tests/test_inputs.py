@@ -32,7 +32,7 @@ def test_cli_bad_group_size():
 
 
 def test_cli_layer_out_of_range():
-    assert_one_line_error(run_cli("layer-costs", "--layers", "3", "30"), "out of range")
+    assert_one_line_error(run_cli("layer-costs", "--layers", "3", "30"), "must be an integer in [0, 29], got 30")
 
 
 def test_cli_empty_text(tmp_path):

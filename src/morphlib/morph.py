@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from morphlib.errors import MorphError
 from morphlib.quant.int4 import Int4Linear, check_group_size
-from morphlib.models import check_layers, decoder_layers, layer_linears
+from morphlib.structure import check_layers, decoder_layers, layer_linears
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _cached_awq_scales(model, config: QuantConfig, calibration: torch.Tensor, pr
     import hashlib
 
     from morphlib.assets import cache_dir
-    from morphlib.quant.awq import awq_scales
+    from morphlib.awq import awq_scales
 
     # a built-in name identifies its weights; a local path also carries its files' sizes and times (set by load_model)
     name = getattr(model, "morphlib_cache_key", None) or getattr(model, "morphlib_name", None)
@@ -262,11 +262,3 @@ def _cached_awq_scales(model, config: QuantConfig, calibration: torch.Tensor, pr
         torch.save(scales, tmp)
         tmp.replace(path)
     return scales
-
-
-def quantize_(model: nn.Module, config: QuantConfig = QuantConfig(), calibration: torch.Tensor | None = None,
-              progress: bool = True) -> Morpher:
-    """torchao-style: put every decoder layer of ``model`` on INT4 in place; returns the Morpher to undo it."""
-    morpher = prepare_morphing(model, config, calibration, progress)
-    morpher.swap(range(morpher.num_layers))
-    return morpher
