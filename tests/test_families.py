@@ -319,23 +319,6 @@ def test_unsupported_families_are_refused_in_one_line():
     assert "outside nn.Linear" in _one_line(exc)
 
 
-def test_converted_gguf_cache_key_follows_the_file(tmp_path):
-    import os
-
-    from morphlib.convert import cache_key, hf_folder
-
-    f = tmp_path / "m.gguf"
-    f.write_bytes(b"GGUF" + b"\0" * 60)
-    first = cache_key(f)
-    os.utime(f, ns=(1, 1))
-    assert cache_key(f) != first  # a replaced file is converted again
-    done = tmp_path / "cached" / "hf"
-    done.mkdir(parents=True)
-    (done / "config.json").write_text("{}")
-    (done / ".complete").write_text("{}")
-    assert hf_folder(f, done) == done  # a completed conversion is reused, no reconversion
-
-
 @pytest.mark.parametrize("command", ["layer-costs", "bench", "bench-engine"])
 def test_cli_help_describes_the_command_and_every_option_with_its_default(command):
     import re

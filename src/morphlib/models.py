@@ -124,15 +124,15 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16
     model.morphlib_load_seconds = time.perf_counter() - t0
     model.morphlib_name = name
     model.morphlib_sanity = None
-    if name not in ALIASES and Path(name).expanduser().exists():  # AWQ cache: a local file may change
-        model.morphlib_cache_key = f"{name}|{source}|{_fingerprint(Path(source))}"
+    if Path(source).is_dir():  # AWQ cache: a local folder (a built-in's conversion too) may change
+        model.morphlib_cache_key = f"{name}|{source}|{_folder_stamp(Path(source))}"
     check_family(model)
     if check:
         check_model(model, tok, name=name)
     return model, tok
 
 
-def _fingerprint(folder: Path) -> str:
+def _folder_stamp(folder: Path) -> str:
     """Sizes and modification times of a model folder's files (changes when the weights change)."""
     if not folder.is_dir():
         return ""
