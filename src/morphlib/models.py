@@ -30,7 +30,7 @@ import torch
 from morphlib.assets import cache_dir, gemma3_gguf, smollm2_gguf
 from morphlib.convert import hf_folder
 from morphlib.device import default_device, resolve_device  # noqa: F401  (re-exported for callers)
-from morphlib.errors import MorphError
+from morphlib.errors import MorphError, check_int
 from morphlib.sanity import check_model
 from morphlib.shapes import shape_config
 from morphlib.structure import check_family
@@ -147,7 +147,7 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
     dev = resolve_device(device)
     cfg = dict(shape_config(shape))
     if num_layers is not None:
-        cfg["num_hidden_layers"] = num_layers
+        cfg["num_hidden_layers"] = check_int("num_layers", num_layers)
     config = LlamaConfig(**cfg)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

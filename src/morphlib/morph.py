@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from morphlib.assets import cache_dir
 from morphlib.awq import awq_scales
-from morphlib.errors import MorphError
+from morphlib.errors import MorphError, check_int
 from morphlib.producer import producing, reuse, stale_reason, versions
 from morphlib.quant.int4 import Int4Linear, check_group_size
 from morphlib.structure import check_layers, decoder_layers, layer_linears
@@ -51,6 +51,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in ("rtn", "awq"):
             raise MorphError(f"unknown quantization method {self.method!r}: use 'rtn' or 'awq'")
+        check_int("AWQ grid", self.awq_grid)
+        check_int("AWQ calibration tokens", self.awq_tokens)
 
     @property
     def label(self) -> str:

@@ -34,6 +34,7 @@ def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int, with_hidden: 
     """Per batch: (start, targets, next-token log-probs[, final hidden state after the last norm])."""
     if ids.numel() == 0 or ids.shape[-1] < 2:
         raise MorphError("nothing to score: need at least one window of at least 2 tokens")
+    batch_size = check_int("batch size", batch_size)
     dev = _device(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(dev)
