@@ -141,7 +141,7 @@ def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batc
     """Greedy continuations [n, new_tokens] (int64, on the CPU) of equal-length prompts [n, P]:
     :func:`greedy_steps` on ``batch_size`` prompts at a time (default: all at once)."""
     new_tokens = check_int("new_tokens", new_tokens)
-    batch_size = check_int("batch_size", batch_size if batch_size is not None else max(1, len(prompts)))
+    batch_size = check_int("batch size", batch_size if batch_size is not None else max(1, len(prompts)))
     if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
         raise MorphError(f"prompts must be token ids [n, P] with n, P >= 1, got shape {tuple(prompts.shape)}")
     out = []
