@@ -90,7 +90,7 @@ class EngineCore:
         sch, bm = self.scheduler, self.bm
         oldest = min((s.arrival for s in sch.waiting), default=now)
         return StepInfo(self.num_steps, now, bm.num_used, bm.capacity, bm.num_free, len(sch.waiting),
-                        len(sch.running), now - oldest, tuple(sorted(self.morph.order)),
+                        len(sch.running), now - oldest, self.morph.swapped,
                         tuple((op.layer, op.to, op.phase) for op in self.morph.pending), sch.num_preemptions)
 
     # ------------------------------------------------------------------ the step
@@ -102,7 +102,7 @@ class EngineCore:
         committed = (morph.advance(sch, now, self.num_steps) or NONE) if morph.busy else NONE
         sync_bytes = copies.sent_bytes - sent0
         batch = sch.schedule()
-        plan = StepPlan(self.num_steps, now, batch, [], committed, morph.compute, tuple(sorted(morph.order)),
+        plan = StepPlan(self.num_steps, now, batch, [], committed, morph.compute, morph.swapped,
                         sync_copy_bytes=sync_bytes, copy_bytes=sync_bytes, copy_in_flight=bool(copies.inflight),
                         preempted=len(sch.preempted), admitted=len(sch.admitted))
         tokens = decode = ctx = 0
