@@ -123,7 +123,7 @@ def test_swapped_layers_equal_morpher_in_hf(model32, heldout, int4_kernel_everyw
     assert {r.num_seqs for r in llm.steps if r.path != "idle"} == {4}
     # the INT4 bytes are the Morpher's, placed at the head of each layer's own region
     head = llm.arena.bytes(llm.layout.region(10), llm.layout.head_bytes).clone()
-    assert torch.equal(head, llm.morph.int4_host[10])
+    assert torch.equal(head, llm.copies.int4_host[10])
     assert llm.layout.awq
 
 

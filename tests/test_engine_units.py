@@ -136,6 +136,7 @@ def _fill_tails(llm, n=6, prompt=60):
 
 @pytest.mark.parametrize("policy", ["wait", "preempt"])
 def test_restore_with_live_tail_blocks(tiny, policy):
+    """The main pool is full, so nothing can migrate: the restore waits or preempts."""
     llm = small(tiny, kv_blocks=16, restore_policy=policy)
     llm.swap([2], wait=True)
     tail = set(llm.layout.tail_ids(2))
@@ -153,8 +154,10 @@ def test_restore_with_live_tail_blocks(tiny, policy):
         while llm.morph_state[2] != "fp16":
             llm.step()
             llm.bm.check({s.id: s.block_table for s in llm.scheduler.running})
-    else:
-        assert llm.morph_state[2] == "fp16"  # holders were preempted at the boundary
+    else:  # holders were preempted at the boundary, the copies ride along with that step
+        assert llm.morph_state[2] == "to-fp16" and 2 not in llm.bm.groups
+        llm.step()
+        assert llm.morph_state[2] == "fp16"
         assert all(s.preemptions >= 1 for s in holders)
         assert llm.morph.history[-1].preempted == len(holders)
     while any(s.finished is None for s in seqs):
@@ -179,7 +182,7 @@ def test_replay_trace_timestamps_and_progress(tiny, capsys):
         assert len(o.token_ids) == min(int(g), 128) and len(o.token_times) == len(o.token_ids)
     assert res.outputs[1].arrival - res.outputs[0].arrival == pytest.approx(0.3 / (n - 1), abs=1e-9)
     s = res.summary()
-    assert s["requests"] == n and s["ttft_p95_s"] >= s["ttft_p50_s"] >= 0 and 0 <= s["slo_violations"] <= 1
+    assert s["requests"] == n and s["ttft_p95_s"] >= s["ttft_p50_s"] >= 0 and 0 <= s["ttft_attainment"] <= 1
     assert res.steps and all(r.end >= r.start for r in res.steps)
     assert "replay" in capsys.readouterr().err
     with pytest.raises(MorphError, match="context"):

@@ -3,9 +3,10 @@
 Block ids are fixed at engine start (``memory.Layout``): group ``"main"`` is the main pool, group ``l``
 (an int) holds the whole blocks that fit in the freed tail of layer l's 16-bit region once l runs
 INT4. A swap *adds* group l, a restore *removes* it, which is refused while any of its blocks is
-live; ``drain(l)`` first stops new allocations from it. Allocation takes blocks from the main pool
-first, then from tail groups in the order they were added, so the newest tail (restored first, LIFO)
-is the last to fill. Every block has one owner (a sequence id) or none; ``check()`` verifies it.
+live; ``drain(l)`` first stops new allocations from it, and ``migrate(l)`` moves the owners of its
+live blocks to free blocks elsewhere (the caller copies the bytes and rewrites the block tables).
+Allocation takes blocks from the main pool first, then from tail groups in the order they were added,
+so the newest tail (restored first, LIFO) is the last to fill. Every block has one owner (a sequence id) or none; ``check()`` verifies it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,27 @@ class BlockManager:
     def holders(self, key) -> set[int]:
         return {self.owner[i] for i in self.live_blocks(key)}
 
+    def migrate(self, key) -> list[tuple[int, int]]:
+        """Give every live block of group ``key`` a free block of another enabled, non-draining group (the
+        main pool first) and move its owner there; returns the (old, new) id pairs, or [] (nothing moved)
+        when too few blocks are free. The old blocks become free (and stay out of use while ``key`` drains);
+        the caller copies their bytes and rewrites the owners' block tables."""
+        live = self.live_blocks(key)
+        if not live or len(live) > sum(len(self.free[k]) for k in self.order if k != key and k not in self.draining):
+            return []
+        pairs = []
+        targets = (k for k in self.order if k != key and k not in self.draining)
+        q = self.free[next(targets)]
+        for src in live:
+            while not q:
+                q = self.free[next(targets)]
+            dst = q.popleft()
+            assert self.owner[dst] == FREE, f"block {dst} handed out twice"
+            self.owner[dst], self.owner[src] = self.owner[src], FREE
+            self.free[key].append(src)
+            pairs.append((src, dst))
+        return pairs
+
     def remove_group(self, key) -> None:
         """Take group ``key``'s blocks out of the pool; refused while one of them is live."""
         self._known(key)
@@ -68,6 +90,14 @@ class BlockManager:
         del self.groups[key], self.free[key]
         self.order.remove(key)
         self.draining.discard(key)
+
+    def reset(self) -> None:
+        """Every block free again, the free lists back in id order (after every tail group was removed)."""
+        if self.order != ["main"]:
+            raise MorphError(f"cannot reset the KV pool while tail groups {self.order[1:]} are enabled")
+        self.owner = [FREE] * len(self.owner)
+        self.free["main"] = deque(self.groups["main"])
+        self.draining.clear()
 
     def _known(self, key) -> None:
         if key not in self.groups:

@@ -92,14 +92,24 @@ def fill_random(arena: Arena, layout: Layout, hf_config, seed: int = 0) -> None:
     fill_rope(arena, layout, hf_config)
 
 
+CHUNK_ELEMS = 8 << 20  # weights quantized per piece on the device (float temporaries ~ 4 x 32 MiB)
+
+
 def quantize_layer(arena: Arena, layout: Layout, layer: int, symmetric: bool) -> dict:
-    """The engine's own RTN INT4 twins of one layer's projections (on the arena's device)."""
+    """The engine's own RTN INT4 twins of one layer's projections (on the arena's device). Row-major
+    layouts are quantized a few rows at a time (RTN is per row and group: the same bytes), so that the
+    temporaries of a 7B projection stay small enough for the engine's construction to keep its budget."""
     out = {}
     for name in LINEARS:
         w = linear_weight(arena, layout, layer, name)
-        q = Int4Linear.from_weight(w, group_size=layout.group_size, symmetric=symmetric,
-                                   layout=layout.int4_layouts[name], name=f"layer {layer} {name}")
-        out[name] = {"packed": q.packed, "scale_zero": q.scale_zero}
+        n, k = w.shape
+        rows = max(1, CHUNK_ELEMS // k) if layout.int4_layouts[name] in ("triton", "plain") else n
+        parts = [Int4Linear.from_weight(w[r:r + rows], group_size=layout.group_size, symmetric=symmetric,
+                                        layout=layout.int4_layouts[name], name=f"layer {layer} {name}")
+                 for r in range(0, n, rows)]
+        out[name] = {"packed": torch.cat([q.packed for q in parts]) if len(parts) > 1 else parts[0].packed,
+                     "scale_zero": torch.cat([q.scale_zero for q in parts], dim=1) if len(parts) > 1
+                     else parts[0].scale_zero}
     return out
 
 

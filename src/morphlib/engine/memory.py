@@ -16,6 +16,11 @@ layer (same shapes), so it is plain arithmetic.
 A KV block is full depth: [layer][k|v][token][kv head][head dim] in the model dtype. Block ids are
 fixed at start: ``0 .. main_blocks-1`` in the main pool, then each layer's tail blocks. The attention
 kernels read a block through ``block_base[id]``, its element offset in the arena (as that dtype).
+
+The oracle ablation (``EngineConfig.swap_compute="fp16"``: a swapped layer keeps its 16-bit compute)
+appends one *shadow region* per swappable layer after the KV pool, outside the budget: the swap's
+copies land there instead of in the live region, and the layer's tail blocks live in the shadow's tail.
+``home(layer)`` is where a layer's morph bytes go (its region, or its shadow).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from morphlib.engine.spec import ModelSpec
+from morphlib.errors import MorphError
 from morphlib.quant.int4 import choose_layout, packed_specs
 
 ALIGN = 256
@@ -120,6 +126,7 @@ class Layout:
         self.staging0 = self.region0 + spec.num_layers * self.region_bytes
         self.pool0 = self.staging0 + staging_slots * self.slot_bytes
         self.main_blocks = 0
+        self.shadow: dict[int, int] = {}  # layer -> index of its shadow region (oracle ablation)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -131,14 +138,31 @@ class Layout:
         """Everything in the arena but the main KV pool."""
         return self.pool0
 
-    def arena_bytes(self) -> int:
+    @property
+    def shadow0(self) -> int:
         return self.pool0 + self.main_blocks * self.block_bytes
+
+    @property
+    def shadow_bytes(self) -> int:
+        """The oracle reserve: shadow regions outside the budget (0 unless ``swap_compute="fp16"``)."""
+        return len(self.shadow) * self.region_bytes
+
+    def arena_bytes(self) -> int:
+        return self.shadow0 + self.shadow_bytes
 
     def set_main_blocks(self, n: int) -> None:
         self.main_blocks = n
 
+    def set_shadow(self, layers) -> None:
+        self.shadow = {li: i for i, li in enumerate(sorted(layers))}
+
     def region(self, layer: int) -> int:
         return self.region0 + layer * self.region_bytes
+
+    def home(self, layer: int) -> int:
+        """Where layer ``layer``'s INT4 head and KV tail live: its region, or its shadow region (oracle)."""
+        i = self.shadow.get(layer)
+        return self.region(layer) if i is None else self.shadow0 + i * self.region_bytes
 
     def slot(self, i: int) -> int:
         return self.staging0 + i * self.slot_bytes
@@ -160,7 +184,7 @@ class Layout:
         if block_id < self.main_blocks:
             return self.pool0 + block_id * self.block_bytes
         layer, j = divmod(block_id - self.main_blocks, self.tail_blocks)
-        return self.region(layer) + self.tail_offset + j * self.block_bytes
+        return self.home(layer) + self.tail_offset + j * self.block_bytes
 
     def block_base(self) -> torch.Tensor:
         """int64 [num_block_ids]: each block's offset in elements of the model dtype."""
@@ -170,6 +194,36 @@ class Layout:
         """Element offsets of layer ``layer``'s K and V inside a block."""
         stride = self.block_size * self.spec.kv_dim
         return (2 * layer) * stride, (2 * layer + 1) * stride
+
+
+PER_BLOCK_ID_BYTES = 8 * 2  # a block_base entry on the device + the host list
+
+
+def main_pool_blocks(layout: Layout, budget: int, workspace: int, kv_blocks: int | None, max_model_len: int,
+                     name: str) -> int:
+    """Blocks of the main KV pool: what ``budget`` leaves after the arena's fixed part (weights, staging),
+    the workspace and the block tables, capped at ``kv_blocks``; a one-line error when one
+    ``max_model_len``-token sequence would not fit."""
+    min_blocks = -(-max_model_len // layout.block_size)
+    tails = layout.spec.num_layers * layout.tail_blocks
+    avail = budget - layout.fixed_bytes - workspace - PER_BLOCK_ID_BYTES * tails
+    main = max(0, avail // (layout.block_bytes + PER_BLOCK_ID_BYTES))
+    if kv_blocks is not None:
+        main = min(main, kv_blocks)
+    if main >= min_blocks:
+        return main
+    if kv_blocks is not None and kv_blocks < min_blocks:
+        raise MorphError(f"kv_blocks={kv_blocks} cannot hold one {max_model_len}-token sequence ({min_blocks} blocks)")
+    need = layout.fixed_bytes + workspace + min_blocks * (layout.block_bytes + PER_BLOCK_ID_BYTES)
+    raise MorphError(
+        f"memory budget {_size(budget)} is too small for {name}: it needs at least {_size(need)} "
+        f"(weights {_size(layout.weight_bytes)}, swap staging {_size(layout.staging_slots * layout.slot_bytes)}, "
+        f"workspace {_size(workspace)}, KV for one {max_model_len}-token sequence "
+        f"{_size(min_blocks * layout.block_bytes)})")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class Arena:

@@ -38,7 +38,7 @@ class Model:
             self.fp16.append({k: arena.view(base + p.offset, p.shape, p.dtype) for k, p in layout.fp16.items()})
             self.int4.append({name: {f: arena.view(base + p.offset, p.shape, p.dtype) for f, p in pieces.items()}
                               for name, pieces in layout.int4.items()})
-        self.int4_layers: set[int] = set()  # layers that run INT4 (the committed morph state)
+        self.int4_layers: frozenset[int] = frozenset()  # layers that run INT4 (set by the engine per step)
         self.scale = attn.default_scale(self.spec.head_dim)
         self.decode_splits = 1
         # one GEMM for q/k/v and one for gate/up on the GPU; on CPU separate GEMMs over the same bytes,

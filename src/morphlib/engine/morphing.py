@@ -1,67 +1,82 @@
-"""Swaps and restores in place, on a side stream, committed at step boundaries.
+"""The morph planner: swaps and restores in place, committed at step boundaries, clock-free.
 
-Both precisions of every swappable layer wait in pinned host memory: the 16-bit region bytes and the
-INT4 head bytes (``memory.Layout``). ``advance()`` runs at every step boundary and moves each pending
-operation along:
+Both precisions of every swappable layer wait in host memory: the 16-bit region bytes and the INT4
+head bytes (``memory.Layout``). ``advance(scheduler, now, step)`` runs at every step boundary and moves
+each pending operation along; ``now`` is only written into the records. Bytes move through a copy
+backend (``copies.py``: simulated, CPU, CUDA side stream, CUDA synchronous), which also says when they
+have landed.
 
 swap l (16-bit -> INT4)
-    1. issue: host->device copy of the INT4 head into a free staging slot on the copy stream
-       (overlaps the decode steps: those still read l's 16-bit weights, which are not touched). The copy
-       is cut into chunks that ``pump`` enqueues *after* each step has launched its own work, at most
-       about one step's worth of PCIe time per step: a step's small host->device input copy shares the
-       copy engine with the swap and would otherwise queue behind the whole layer (seen on an H200: a
-       405 MB copy added its full 7.3 ms to the step it overlapped);
-    2. commit, at the first boundary where the copy's event has completed (polled, never waited):
-       a device-to-device copy staging -> head of l's region on the compute stream, the layer runs
-       INT4 from the next step on, and the region's tail becomes ``tail_blocks`` new KV blocks.
+    1. issue: the INT4 head -> a free staging slot (side mode: paced chunks that overlap the decode
+       steps, which still read l's 16-bit weights, untouched; sync mode: all at once on the compute stream);
+    2. commit, at the first boundary where the copy has landed: staging -> head of l's region (device to
+       device, compute stream), l runs INT4 from the next step on, and the region's tail becomes
+       ``tail_blocks`` new KV blocks.
 
 restore l (INT4 -> 16-bit)
-    1. reserve: the tail's KV blocks leave the pool (``BlockManager.remove_group``). While one of them
-       is live: policy ``wait`` stops handing them out and retries at each boundary (the restore
-       finishes when their sequences have finished or been preempted); policy ``preempt`` preempts
-       those sequences at once (they recompute later). A live block is never lost or handed out twice.
-    2. issue: host->device copy of the 16-bit tail bytes straight into the region's tail (no kernel
-       reads them now) and of the 16-bit head bytes into a staging slot, on the copy stream;
-    3. commit when done: staging -> head on the compute stream; the layer runs 16-bit from the next step.
+    1. reserve: the tail's KV blocks leave the pool (``BlockManager.remove_group``). Live ones are first
+       *migrated* (``EngineConfig.restore_migrate``): moved into free blocks of the main pool or older
+       tails with one device copy at this boundary, block tables rewritten, so that a restore never pins
+       capacity for the lifetime of a request. Only when too few blocks are free: policy ``wait`` stops
+       handing the tail's blocks out and retries at each boundary (migrating as soon as blocks free up),
+       policy ``preempt`` preempts their holders at once (they recompute later). A live block is never
+       lost or handed out twice.
+    2. issue: the 16-bit tail bytes straight into the region's tail (no kernel reads them now) and the
+       16-bit head into a staging slot;
+    3. commit when landed: staging -> head; the layer runs 16-bit from the next step.
 
-On CPU there is no stream: copies run synchronously at the boundary and commit at once.
-Every operation records host timestamps (requested, issued, committed) and, on CUDA, the copy's
-device time between two events on the copy stream.
+Ablations (``EngineConfig``): ``swap_grows_pool=False`` commits the precision change only (the tail
+stays out of the pool); ``swap_compute="fp16"`` keeps the layer's 16-bit compute and its copies land in
+a shadow region outside the budget whose tail blocks join the pool (an oracle: ``MorphOp.oracle``).
+Requests are atomic: every layer of one ``request`` is queued, or none is (a one-line error says why).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import torch
-
 from morphlib.engine.block_manager import BlockManager
-from morphlib.engine.memory import Arena, Layout
+from morphlib.engine.memory import Layout
 from morphlib.errors import MorphError
-
-CHUNK = 16 << 20  # bytes per enqueued copy piece
 
 
 @dataclass
 class MorphOp:
+    """One swap (``to="int4"``) or restore (``to="fp16"``) of one layer and what happened to it: the
+    engine-clock times and step indices of request, issue and commit, bytes copied, KV blocks migrated,
+    sequences preempted, host milliseconds spent on it, and on CUDA the device time of its copies
+    (``copy_ms``, ``span_ms``) and of its commit copy (``commit_ms``)."""
+
     layer: int
     to: str  # "int4" or "fp16"
     requested: float
+    request_step: int = 0
     phase: str = "queued"  # queued -> (draining) -> copying -> done
     slot: int | None = None
     issued: float | None = None
+    issue_step: int | None = None
     committed: float | None = None
+    commit_step: int | None = None
     copy_bytes: int = 0
     preempted: int = 0
+    migrated: int = 0
     reserved: bool = False
-    events: list | None = field(default=None, repr=False)  # [(start, end)] per chunk
+    grows_pool: bool = True
+    oracle: bool = False  # compute stayed 16-bit; the KV blocks of the swap came from outside the budget
+    host_ms: float = 0.0
+    landed_at: float = float("-inf")  # modelled landing time (simulated / CPU copies)
+    chunks: list = field(default_factory=list, repr=False)  # chunks not yet sent (copy backend)
+    waits: list = field(default_factory=list, repr=False)  # events the first chunk waits for (CUDA)
+    events: list | None = field(default=None, repr=False)  # [(start, end)] per chunk sent (CUDA)
+    commit_events: tuple | None = field(default=None, repr=False)
 
-    chunks: list = field(default_factory=list, repr=False)  # (dst, src) pieces not yet enqueued
-    waits: list = field(default_factory=list, repr=False)  # events the first chunk waits for
+    @property
+    def latency_s(self) -> float | None:
+        """Request to commit, engine clock."""
+        return None if self.committed is None else self.committed - self.requested
 
     def copy_ms(self) -> float | None:
-        """Device time spent copying (CUDA): the sum of the chunks' times, from events on the copy stream."""
+        """Device time spent copying (CUDA): the sum of the chunks' times, from events."""
         if not self.events:
             return None
         return sum(a.elapsed_time(b) for a, b in self.events)
@@ -72,63 +87,72 @@ class MorphOp:
             return None
         return self.events[0][0].elapsed_time(self.events[-1][1])
 
+    def commit_ms(self) -> float | None:
+        """Device time of the commit's device-to-device copy (CUDA; None until it has run)."""
+        if self.commit_events is None or not self.commit_events[1].query():
+            return None
+        return self.commit_events[0].elapsed_time(self.commit_events[1])
 
-class Morph:
-    def __init__(self, layout: Layout, arena: Arena, model, bm: BlockManager, policy: str):
-        self.layout, self.arena, self.model, self.bm, self.policy = layout, arena, model, bm, policy
-        self.device = arena.buf.device
-        self.cuda = self.device.type == "cuda"
-        self.fp16_host: dict[int, torch.Tensor] = {}
-        self.int4_host: dict[int, torch.Tensor] = {}
+    def record(self) -> dict:
+        """The op as plain numbers (for results files)."""
+        return {"layer": self.layer, "to": self.to, "requested": self.requested, "request_step": self.request_step,
+                "issued": self.issued, "issue_step": self.issue_step, "committed": self.committed,
+                "commit_step": self.commit_step, "latency_s": self.latency_s, "copy_bytes": self.copy_bytes,
+                "migrated_blocks": self.migrated, "preempted": self.preempted, "grows_pool": self.grows_pool,
+                "oracle": self.oracle, "host_ms": self.host_ms, "copy_device_ms": self.copy_ms(),
+                "commit_device_ms": self.commit_ms()}
+
+
+class MorphPlanner:
+    def __init__(self, layout: Layout, bm: BlockManager, copies, *, swappable, restorable, policy: str,
+                 migrate: bool, grows_pool: bool, int4_compute: bool):
+        self.layout, self.bm, self.copies = layout, bm, copies
+        self.swappable, self.restorable = frozenset(swappable), frozenset(restorable)
+        self.policy, self.migrate, self.grows_pool, self.int4_compute = policy, migrate, grows_pool, int4_compute
         self.pending: list[MorphOp] = []
         self.history: list[MorphOp] = []
         self.slot_free = list(range(layout.staging_slots))
-        self.slot_ready: dict[int, object] = {}  # slot -> event after which the slot may be overwritten
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.order: list[int] = []  # INT4 layers in the order they were committed
-
-    # ------------------------------------------------------------------ host copies
-    def set_host_copies(self, layer: int, fp16_region: torch.Tensor | None, int4_head: torch.Tensor) -> None:
-        """Keep (pinned, on CUDA) host copies of a layer's INT4 head and, unless None, its 16-bit region."""
-        def host(t):
-            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-            out.copy_(t)
-            return out
-
-        if fp16_region is not None:
-            self.fp16_host[layer] = host(fp16_region)
-        self.int4_host[layer] = host(int4_head)
+        self.order: list[int] = []  # swapped layers in the order they were committed
+        self.compute: frozenset = frozenset()  # layers that compute in INT4 (the graphs' key)
+        self.swapped: tuple = ()  # sorted(order), kept for the step records
 
     # ------------------------------------------------------------------ state
     def state(self, layer: int) -> str:
         for op in self.pending:
             if op.layer == layer:
                 return "to-int4" if op.to == "int4" else "to-fp16"
-        return "int4" if layer in self.model.int4_layers else "fp16"
+        return "int4" if layer in self.order else "fp16"
 
     @property
     def busy(self) -> bool:
         return bool(self.pending)
 
-    def request(self, layers, to: str, now: float) -> list[MorphOp]:
-        ops = []
+    def refusal(self, layers, to: str) -> str | None:
+        """Why ``request(layers, to)`` would be refused, or None."""
         for layer in layers:
-            if layer not in self.int4_host:
-                raise MorphError(f"layer {layer} is not swappable (no host copies: see EngineConfig.swappable)")
-            if to == "fp16" and layer not in self.fp16_host:
-                raise MorphError(f"layer {layer} is not restorable (no 16-bit host copy: see EngineConfig.restorable)")
+            if layer not in self.swappable:
+                return f"layer {layer} is not swappable (no host copies: see EngineConfig.swappable)"
+            if to == "fp16" and layer not in self.restorable:
+                return f"layer {layer} is not restorable (no 16-bit host copy: see EngineConfig.restorable)"
             cur = self.state(layer)
             if cur.startswith("to-"):
-                raise MorphError(f"layer {layer} is already being switched ({cur})")
-            if cur == to:
-                continue
-            op = MorphOp(layer, to, now)
-            self.pending.append(op)
-            ops.append(op)
+                return f"layer {layer} is already being switched ({cur})"
+        return None
+
+    def request(self, layers, to: str, now: float, step: int) -> list[MorphOp]:
+        """Queue a switch of every layer of ``layers`` not already in precision ``to``: all of them or, with a
+        one-line error saying why, none."""
+        why = self.refusal(layers, to)
+        if why is not None:
+            verb = "swap" if to == "int4" else "restore"
+            raise MorphError(f"{verb} of layers {list(layers)} refused: {why}")
+        ops = [MorphOp(layer, to, now, step, grows_pool=self.grows_pool, oracle=not self.int4_compute)
+               for layer in layers if self.state(layer) != to]
+        self.pending.extend(ops)
         return ops
 
     # ------------------------------------------------------------------ the step-boundary protocol
-    def advance(self, scheduler, now: float) -> list[MorphOp]:
+    def advance(self, scheduler, now: float, step: int) -> list[MorphOp]:
         """Move pending operations along; returns those committed now."""
         done = []
         for op in list(self.pending):
@@ -137,99 +161,89 @@ class Morph:
             if op.phase in ("queued", "draining"):
                 if not self.slot_free:
                     continue
-                self._issue(op, now)
-            if op.phase == "copying" and not op.chunks and (op.events is None or op.events[-1][1].query()):
-                self._commit(op, time.perf_counter())
+                self._issue(op, now, step)
+            if op.phase == "copying" and self.copies.ready(op, now):
+                self._commit(op, now, step)
                 done.append(op)
         return done
 
-    @property
-    def has_chunks(self) -> bool:
-        return any(op.chunks for op in self.pending)
-
-    def pump(self, budget: int) -> int:
-        """Enqueue copy chunks on the copy stream, up to ``budget`` bytes (at least one chunk); call it after
-        the step's own device work has been enqueued. Returns the bytes enqueued."""
-        sent = 0
-        for op in self.pending:
-            if not op.chunks:
-                continue
-            with torch.cuda.stream(self.copy_stream):
-                for ev in op.waits:
-                    self.copy_stream.wait_event(ev)
-                op.waits = []
-                while op.chunks and (sent == 0 or sent < budget):
-                    dst, src = op.chunks.pop(0)
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    dst.copy_(src, non_blocking=True)
-                    end.record()
-                    op.events.append((start, end))
-                    sent += dst.numel()
-            if sent >= budget:
-                break
-        return sent
-
     def _reserve(self, op: MorphOp, scheduler) -> bool:
-        live = self.bm.drain(op.layer)
+        layer = op.layer
+        if layer not in self.bm.groups:  # swapped without growing the pool: nothing to take back
+            op.reserved = True
+            return True
+        live = self.bm.drain(layer)
+        if live and self.migrate:
+            pairs = self.bm.migrate(layer)
+            if pairs:
+                scheduler.remap(pairs)
+                self.copies.migrate(self._runs(pairs))
+                op.migrated += len(pairs)
+                live = []
         if live and self.policy == "preempt":
-            op.preempted += scheduler.preempt_ids(self.bm.holders(op.layer))
-            live = self.bm.live_blocks(op.layer)
+            op.preempted += scheduler.preempt_ids(self.bm.holders(layer))
+            live = self.bm.live_blocks(layer)
         if live:
             op.phase = "draining"
             return False
-        self.bm.remove_group(op.layer)
+        self.bm.remove_group(layer)
         op.reserved = True
         return True
 
-    def _issue(self, op: MorphOp, now: float) -> None:
-        lay = self.layout
-        slot = self.slot_free.pop(0)
-        op.slot, op.issued = slot, now
-        region = lay.region(op.layer)
-        head = lay.head_bytes
-        stage = self.arena.bytes(lay.slot(slot), head)
-        if op.to == "int4":
-            src_head = self.int4_host[op.layer][:head]
-            tail = None
-        else:
-            src_head = self.fp16_host[op.layer][:head]
-            tail = (self.arena.bytes(region + head, lay.region_bytes - head), self.fp16_host[op.layer][head:])
-        op.copy_bytes = head + (tail[0].numel() if tail else 0)
-        if not self.cuda:
-            stage.copy_(src_head)
-            if tail:
-                tail[0].copy_(tail[1])
-            op.phase = "copying"
-            return
-        compute = torch.cuda.current_stream(self.device)
-        boundary = torch.cuda.Event()
-        boundary.record(compute)  # everything enqueued so far (KV writes to a tail, commits) comes first
-        op.waits = [boundary] + ([self.slot_ready.pop(slot)] if slot in self.slot_ready else [])
-        pairs = [(stage, src_head)] + ([tail] if tail else [])
-        op.chunks = [(d[i:i + CHUNK], s_[i:i + CHUNK]) for d, s_ in pairs for i in range(0, d.numel(), CHUNK)]
-        op.events = []
-        op.phase = "copying"
+    def _runs(self, pairs) -> list[tuple[int, int, int]]:
+        """(src, dst, bytes) copies for block moves, adjacent blocks merged into one copy."""
+        lay, bb = self.layout, self.layout.block_bytes
+        runs: list[list[int]] = []
+        for src, dst in pairs:
+            s, d = lay.block_offset(src), lay.block_offset(dst)
+            if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+                runs[-1][2] += bb
+            else:
+                runs.append([s, d, bb])
+        return [tuple(r) for r in runs]
 
-    def _commit(self, op: MorphOp, now: float) -> None:
+    def _issue(self, op: MorphOp, now: float, step: int) -> None:
         lay = self.layout
-        region = lay.region(op.layer)
-        head = lay.head_bytes
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(op.events[-1][1])
-        self.arena.bytes(region, head).copy_(self.arena.bytes(lay.slot(op.slot), head))
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self.slot_ready[op.slot] = ev
+        op.slot = self.slot_free.pop(0)
+        op.issued, op.issue_step, op.phase = now, step, "copying"
+        stage, head = lay.slot(op.slot), lay.head_bytes
+        pieces = [(stage, op.to, op.layer, 0, head)]
+        if op.to == "fp16":
+            pieces.append((lay.home(op.layer) + head, "fp16", op.layer, head, lay.region_bytes - head))
+        self.copies.start(op, pieces, now)
+
+    def _commit(self, op: MorphOp, now: float, step: int) -> None:
+        lay = self.layout
+        self.copies.commit(op, lay.home(op.layer), lay.slot(op.slot), lay.head_bytes)
         self.slot_free.append(op.slot)
         if op.to == "int4":
-            self.model.int4_layers.add(op.layer)
             self.order.append(op.layer)
-            self.bm.add_group(op.layer, lay.tail_ids(op.layer))
+            if self.grows_pool:
+                self.bm.add_group(op.layer, lay.tail_ids(op.layer))
+            if self.int4_compute:
+                self.compute = self.compute | {op.layer}
         else:
-            self.model.int4_layers.discard(op.layer)
             self.order.remove(op.layer)
-        op.phase, op.committed = "done", now
+            self.compute = self.compute - {op.layer}
+        self.swapped = tuple(sorted(self.order))
+        op.phase, op.committed, op.commit_step = "done", now, step
         self.pending.remove(op)
         self.history.append(op)
+
+    def reset(self) -> None:
+        """Forget the history; staging slots back in order (every layer was restored first)."""
+        if self.pending or self.order:
+            raise MorphError("cannot reset the morph planner while layers are swapped or switching")
+        self.history.clear()
+        self.slot_free = list(range(self.layout.staging_slots))
+
+    def compute_states(self, order) -> list[frozenset]:
+        """The compute states a fixed swap order passes through (each prefix; one state when the swapped
+        layers keep their 16-bit compute)."""
+        states = [self.compute]
+        if self.int4_compute:
+            acc = set(self.compute)
+            for li in order:
+                acc.add(li)
+                states.append(frozenset(acc))
+        return states

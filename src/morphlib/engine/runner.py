@@ -8,6 +8,10 @@ static input/output buffers, so a new graph costs capture time (~ms per layer st
 A swap changes the state; when the controller swaps in a fixed order the states are few (k+1 for k
 layers) and ``precapture`` can build them ahead. Padding rows have no KV slot (-1) and context 0.
 Everything else (prefill chunks, mixed steps, CPU) runs eagerly.
+
+Each run leaves its host seconds by phase in ``last_phases_s`` (prepare: inputs; launch: device work
+enqueued; sync: waiting for the device and sampling) and the seconds of any graph it had to capture
+first in ``last_capture_s``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ class Runner:
         self.on_launch = None  # called once a step's device work is enqueued, before the host waits for it
         self.time_gpu = False  # CUDA events around each step's device work (``last_gpu_ms``)
         self.last_gpu_ms: float | None = None
+        self.last_phases_s = (0.0, 0.0, 0.0)  # host seconds: prepare, launch, sync
+        self.last_capture_s = 0.0
         self._ev = None
+        self._t = [0.0, 0.0, 0.0]  # host times: start, inputs ready, launched
         if self.use_graphs:
             mb, nb = self.max_bs, max_blocks
             self.static = torch.zeros(4 * mb + mb * nb, dtype=torch.int64, device=self.device)
@@ -97,25 +104,34 @@ class Runner:
 
     # ------------------------------------------------------------------ running
     @torch.inference_mode()
-    def run(self, batch) -> tuple[list, list[int], str]:
-        """Returns (sampled sequences, their new tokens, path) where path is 'graph' or 'eager'."""
+    def run(self, batch, decode_only: bool | None = None) -> tuple[list, list[int], str]:
+        """Returns (sampled sequences, their new tokens, path) where path is 'graph' or 'eager'.
+        ``decode_only``: every sequence feeds its last token (None: worked out here)."""
         timed = self.time_gpu and self.device.type == "cuda"
         if timed and self._ev is None:
             self._ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        out = self._run(batch)
+        t = self._t
+        t[0] = t[1] = t[2] = time.perf_counter()
+        self.last_capture_s = 0.0
+        if decode_only is None:
+            decode_only = all(n == 1 and s.num_computed + 1 == s.num_tokens for s, n in batch)
+        out = self._run(batch, decode_only)
         if timed:
             self._ev[1].record()
             self._ev[1].synchronize()
             self.last_gpu_ms = self._ev[0].elapsed_time(self._ev[1])
+        end = time.perf_counter()
+        self.last_phases_s = (t[1] - t[0] - self.last_capture_s, t[2] - t[1], end - t[2])
         return out
 
     def _mark(self) -> None:
         """Start of the step's device work (after host-side preparation)."""
+        self._t[1] = time.perf_counter()
         if self._ev is not None and self.time_gpu:
             self._ev[0].record()
 
-    def _run(self, batch):
-        if self.use_graphs and all(n == 1 for _, n in batch) and len(batch) <= self.max_bs:
+    def _run(self, batch, decode_only: bool):
+        if self.use_graphs and decode_only and len(batch) <= self.max_bs:
             seqs = [s for s, _ in batch]
             return seqs, self._run_graph(seqs), "graph"
         ids, pos, meta, rows, sampled = self.prepare(batch)
@@ -132,6 +148,7 @@ class Runner:
         return sampled, self._sample(logits, sampled), "eager"
 
     def _launched(self) -> None:
+        self._t[2] = time.perf_counter()
         if self.on_launch is not None:
             self.on_launch()
 
@@ -204,6 +221,7 @@ class Runner:
         key = (self.model.state, bb)
         if key not in self.graphs:
             self.capture(*key)
+            self.last_capture_s = self.capture_seconds[key]
         mb, nb = self.max_bs, self.max_blocks
         h = self.host_np
         h[:4 * mb] = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -15,20 +14,19 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-_ids = itertools.count()
-
-
 class Sequence:
     """Prompt + generated tokens. ``num_computed`` tokens have their KV in the cache; a step feeds the
     next chunk ``tokens[num_computed:num_computed + n]`` and, when the chunk reaches the end, samples
-    one token. A preempted sequence drops its blocks and recomputes prompt + output so far."""
+    one token. A preempted sequence drops its blocks and recomputes prompt + output so far
+    (``recomputed`` counts the tokens whose KV it lost). Ids are given by the engine core (0, 1, ... after
+    each ``reset``), so that two runs of one request stream name their sequences alike."""
 
     __slots__ = ("id", "prompt", "output", "params", "status", "num_computed", "block_table",
                  "arrival", "first_scheduled", "first_token", "token_times", "finished", "preemptions",
-                 "finish_reason")
+                 "recomputed", "preempted_in", "finish_reason")
 
-    def __init__(self, prompt: list[int], params: SamplingParams, arrival: float):
-        self.id = next(_ids)
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, arrival: float):
+        self.id = seq_id
         self.prompt = list(prompt)
         self.output: list[int] = []
         self.params = params
@@ -41,6 +39,8 @@ class Sequence:
         self.token_times: list[float] = []
         self.finished: float | None = None
         self.preemptions = 0
+        self.recomputed = 0
+        self.preempted_in = -1  # the schedule call that last preempted it
         self.finish_reason: str | None = None
 
     @property
@@ -64,9 +64,10 @@ class Sequence:
 
 @dataclass
 class RequestOutput:
-    """One finished request: its tokens (and text when a tokenizer is known) and timestamps (seconds,
-    engine clock: ``time.perf_counter()``). TTFT = first_token - arrival; TPOT = (finished - first_token)
-    / (n - 1)."""
+    """One finished request: its tokens (and text when a tokenizer is known) and timestamps (seconds, the
+    engine's clock: wall ``time.perf_counter()`` or a virtual one). TTFT = first_token - arrival; TPOT =
+    (finished - first_token) / (n - 1), the request's mean; ``inter_token_s`` the gaps between its tokens;
+    ``queueing_s`` = first_scheduled - arrival."""
 
     request_id: int
     prompt_token_ids: list[int]
@@ -79,6 +80,7 @@ class RequestOutput:
     preemptions: int
     finish_reason: str
     text: str | None = None
+    recomputed_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -90,7 +92,21 @@ class RequestOutput:
         n = len(self.token_ids)
         return (self.finished - self.first_token) / (n - 1) if n > 1 else 0.0
 
+    @property
+    def e2e(self) -> float:
+        return self.finished - self.arrival
+
+    @property
+    def queueing_s(self) -> float:
+        return self.first_scheduled - self.arrival
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
     @classmethod
     def of(cls, seq: Sequence, text: str | None = None) -> "RequestOutput":
         return cls(seq.id, list(seq.prompt), list(seq.output), seq.arrival, seq.first_scheduled, seq.first_token,
-                   list(seq.token_times), seq.finished, seq.preemptions, seq.finish_reason or "length", text)
+                   list(seq.token_times), seq.finished, seq.preemptions, seq.finish_reason or "length", text,
+                   seq.recomputed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from morphlib.errors import MorphError
@@ -71,3 +72,13 @@ class ModelSpec:
                    head_dim=get("head_dim", None) or hidden // heads, vocab=get("vocab_size"),
                    eps=float(get("rms_norm_eps", 1e-5) or 1e-5), tied=bool(get("tie_word_embeddings", False)),
                    max_positions=int(get("max_position_embeddings", 2048) or 2048), name=name)
+
+
+def spec_of(hf_config, name: str, module=None) -> ModelSpec:
+    """The spec of an HF config; with the module, tied or not as its weights really are (a config can say
+    tied when it is not)."""
+    spec = ModelSpec.from_hf_config(hf_config, name)
+    if module is not None:
+        tied = module.get_output_embeddings().weight.data_ptr() == module.get_input_embeddings().weight.data_ptr()
+        spec = dataclasses.replace(spec, tied=tied)
+    return spec

@@ -72,9 +72,10 @@ def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: in
     for int4 in (False, True):
         if int4:
             arena.bytes(lay.region(0), lay.head_bytes).copy_(head)
-            model.int4_layers = {0}
+            model.int4_layers = frozenset({0})
         for lens, temperature in ((long_lens, 0.0), (many_lens, 1.0)):
-            seqs = [Sequence([1] * n, SamplingParams(max_tokens=1, temperature=temperature), 0.0) for n in lens]
+            seqs = [Sequence(i, [1] * n, SamplingParams(max_tokens=1, temperature=temperature), 0.0)
+                    for i, n in enumerate(lens)]
             for s in seqs:
                 bm.grow(s.id, s.block_table, s.num_tokens)
             runner.run([(s, s.num_tokens) for s in seqs])
