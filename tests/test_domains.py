@@ -1,6 +1,5 @@
 """Chapter 2 across genres: the middle-third block, pooled perplexity effects, the domain checks' config."""
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -102,12 +101,13 @@ def test_domains_config_defaults_and_refusals():
 
 
 def test_domains_refuse_chapter2_results_without_the_middle_third_block(tmp_path):
-    folder = tmp_path / "strategies"
-    folder.mkdir()
+    from morphbook.experiments.base import Result
+    from morphbook.publish.inputs import load_inputs
+    from morphbook.publish.store import save_result
+    from morphlib import fingerprint
+
     params = {"profile": "cpu", "texts": "default", "ks": [2]}
-    (folder / "summary.json").write_text(json.dumps({"provenance": {"params": params}, "headline": {}}))
-    (folder / "sets.json").write_text(json.dumps({"block": {"2": [0, 1]}, "greedy_lis": {"2": [3, 7]}}))
-    for name in ("window_nll.json", "windows.json"):
-        (folder / name).write_text("{}")
+    files = {"sets.json": {"block": {"2": [0, 1]}, "greedy_lis": {"2": [3, 7]}}, "window_nll.json": {}, "windows.json": {}}
+    save_result("strategies", Result(params, {"per_k": {}}, files), tmp_path, recording=fingerprint.Recording())
     with pytest.raises(MorphError, match="predate the middle_third_block strategy: run chapter 2 again"):
-        domains.run(domains.Config.for_profile("cpu"), results_root=tmp_path)
+        domains.run(domains.Config.for_profile("cpu"), load_inputs("domains", tmp_path))

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params
 from morphbook.experiments.verdicts import paired_by_k, pooled_versus, verdict_contiguous, verdict_middle_third
-from morphlib.errors import MorphError, check_int
+from morphlib.errors import MorphError
 from morphlib.eval.corpus import DEFAULT_SPLIT, DOMAINS, GENRES, domain_windows, make_windows
 from morphlib.eval.metrics import Reference, window_nll
 from morphlib.eval.stats import paired_comparison
@@ -50,8 +48,7 @@ DEFAULTS = {"gpu": dict(extra_heldout_windows=32, cross_calib_windows=16),
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     extra_heldout: tuple[str, ...] = EXTRA_HELDOUT  # held-out domains beyond chapter 2's two
     extra_heldout_windows: int = 32  # windows per extra domain
     cross_calibration: tuple[str, ...] = CROSS_CALIBRATION  # () turns it off
@@ -60,8 +57,7 @@ class Config:
     def __post_init__(self):
         object.__setattr__(self, "extra_heldout", tuple(self.extra_heldout))
         object.__setattr__(self, "cross_calibration", tuple(self.cross_calibration))
-        for name in ("extra_heldout_windows", "cross_calib_windows"):
-            check_int(name, getattr(self, name))
+        self.check_counts("extra_heldout_windows", "cross_calib_windows")
         unknown = [d for d in self.extra_heldout + self.cross_calibration if d not in DOMAINS]
         if unknown:
             raise MorphError(f"unknown domain(s) {', '.join(map(repr, unknown))}: choose from {', '.join(DOMAINS)}")
@@ -70,34 +66,22 @@ class Config:
             raise MorphError(f"extra_heldout {list(self.extra_heldout)}: each domain once, none of chapter 2's own "
                              f"({', '.join(DEFAULT_SPLIT['calibration'] + DEFAULT_SPLIT['heldout'])})")
 
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
-
-def _chapter2(results_root) -> tuple[dict, dict, dict, dict]:
-    """Chapter 2's summary, sets, per-window NLL and windows (a one-line error when they are not there)."""
-    folder = Path(results_root) / "strategies"
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        files = {name: json.loads((folder / name).read_text()) for name in ("sets.json", "window_nll.json", "windows.json")}
-    except (OSError, ValueError) as exc:
-        raise MorphError(f"chapter 2's results are needed first ({folder}: {exc.__class__.__name__}); run chapter 2") from None
-    return summary, files["sets.json"], files["window_nll.json"], files["windows.json"]
-
-
-def run(cfg: Config, results_root: str | os.PathLike = "results") -> Result:
-    summary, sets_json, nll_json, windows = _chapter2(results_root)
-    p = summary["provenance"]["params"]
+def run(cfg: Config, inputs: dict) -> Result:
+    """``inputs["strategies"]``: chapter 2's results (``morphbook.publish.inputs``: summary, sets,
+    per-window NLL and windows, their manifest checked)."""
+    ch2 = inputs["strategies"]
+    summary, p = ch2.summary, ch2.params
+    sets_json, nll_json, windows = (ch2.json(name) for name in ("sets.json", "window_nll.json", "windows.json"))
     if p["profile"] != cfg.profile:
-        raise MorphError(f"chapter 2's results in {results_root} are from the {p['profile']!r} profile, "
+        raise MorphError(f"chapter 2's results in {ch2.results_root} are from the {p['profile']!r} profile, "
                          f"not {cfg.profile!r}: run chapter 2 with the same profile first")
     if p.get("texts", "default") != "default" or p.get("calibration_texts") or p.get("heldout_texts"):
         raise MorphError("the per-domain checks need the book's own corpus (chapter 2 ran on other texts)")
     ks = [int(k) for k in p["ks"]]
     sets = {name: {int(k): v for k, v in by_k.items()} for name, by_k in sets_json.items() if name != "random"}
     if MIDDLE_THIRD not in sets:
-        raise MorphError(f"chapter 2's results in {results_root} predate the {MIDDLE_THIRD} strategy: run chapter 2 again")
+        raise MorphError(f"chapter 2's results in {ch2.results_root} predate the {MIDDLE_THIRD} strategy: run chapter 2 again")
     best_scattered = {int(k): v["best_scattered_strategy"] for k, v in summary["headline"]["per_k"].items()}
     if torch.cuda.is_available():
         make_deterministic()  # before any CUDA work: two identical bf16 runs must give identical tokens and bits
