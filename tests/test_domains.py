@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from morphbook.experiments import domains
-from morphbook.experiments.verdicts import pooled, pooled_effect, pooled_versus, verdict_middle_third
+from morphbook.experiments.verdicts import paired_by_k, pooled, pooled_effect, pooled_versus, verdict_middle_third
 from morphlib.errors import MorphError
 from morphlib.select.layersets import middle_third, middle_third_starts
 from morphlib.select.strategies import STRATEGIES, Selector
@@ -71,6 +71,16 @@ def test_pooled_effect_is_the_geometric_mean_perplexity_ratio_over_k():
     assert both["win_rate"] == 0.0 and both["effect_ppl_pct"] == eff["effect_ppl_pct"] and both["windows"] == 40
     flipped = pooled(nll, [2, 4], "block", first="greedy_lis")
     assert flipped["win_rate"] == 1.0 and flipped["sign_test_p"] < 1e-6
+
+
+def test_per_k_rows_carry_the_win_rate_ci():
+    nll = _nll(shift=0.0)
+    rng = np.random.default_rng(1)
+    nll = {**nll, **{f"block/{k}": nll[f"greedy_lis/{k}"] + rng.normal(0.0, 0.05, 40) for k in (2, 4)}}
+    for row in paired_by_k(nll, [2, 4], {2: "greedy_lis", 4: "greedy_lis"}):
+        lo, hi = row["win_rate_ci95"]
+        assert lo <= row["win_rate"] <= hi and 0.0 < lo < hi < 1.0
+        assert row["win_rate"] == pooled(nll, [row["k"]], "greedy_lis")["win_rate"]
 
 
 def test_verdict_middle_third_follows_the_contiguous_rule():

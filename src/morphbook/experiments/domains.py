@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params
-from morphbook.experiments.verdicts import paired_by_k, pooled_versus, verdict_contiguous, verdict_middle_third
+from morphbook.experiments.verdicts import (paired_by_k, pooled, pooled_versus, verdict_contiguous,
+                                             verdict_middle_third)
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import DEFAULT_SPLIT, DOMAINS, GENRES, domain_windows, make_windows
 from morphlib.eval.metrics import Reference, window_nll
@@ -183,7 +184,9 @@ def _per_domain(nll: dict[str, np.ndarray], domains: list[str], ks, best_scatter
                     "per_k": paired_by_k(sub, ks, best_scattered, n_boot, seed),
                     "middle_third_vs_block": pooled_versus(sub, ks, "block", n_boot, seed, first=MIDDLE_THIRD),
                     "middle_third_per_k": [{"k": k, **paired_comparison(sub[f"{MIDDLE_THIRD}/{k}"], sub[f"block/{k}"],
-                                                                        n_boot, seed)} for k in ks],
+                                                                        n_boot, seed),
+                                            "win_rate_ci95": pooled(sub, [k], "block", n_boot, seed,
+                                                                    first=MIDDLE_THIRD)["ci95"]} for k in ks],
                     "heldout_ppl": {str(k): {"block": ppl("block", k), "greedy_lis": ppl("greedy_lis", k),
                                              "best_scattered": ppl(best_scattered[k], k),
                                              MIDDLE_THIRD: ppl(MIDDLE_THIRD, k)} for k in ks}}

@@ -22,12 +22,14 @@ from morphlib.eval.stats import paired_comparison, pooled_win_rate
 
 def paired_by_k(nll: dict[str, np.ndarray], ks: list[int], best_scattered: dict[int, str],
                 n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Per k: calibrated block vs greedy LIS, and vs the best scattered strategy (chosen on calibration)."""
+    """Per k: calibrated block vs greedy LIS, and vs the best scattered strategy (chosen on calibration), with
+    the win rate's bootstrap CI over windows."""
     rows = []
     for k in ks:
         for role, other in (("greedy LIS", "greedy_lis"), ("best scattered", best_scattered[k])):
             cmp = paired_comparison(nll[f"block/{k}"], nll[f"{other}/{k}"], n_boot, seed)
-            rows.append({"k": k, "versus": role, "other": other, **cmp})
+            rows.append({"k": k, "versus": role, "other": other, **cmp,
+                         "win_rate_ci95": pooled(nll, [k], other, n_boot, seed)["ci95"]})
     return rows
 
 
