@@ -7,7 +7,10 @@
         --results results/families/gemma3-270m                              # another model
 
 Each experiment runs with its profile's published configuration (``Config.for_profile(profile)``) and
-writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``). A failing experiment is
+writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``): the fingerprint of the code
+that ran (recorded from before the experiment module is imported) and the identity of the inputs it
+declares (read from the same results root; ``run(cfg, inputs)``). A rerun that reproduces the saved
+result prints "re-verified at <commit>" instead of writing a new one. A failing experiment is
 reported and the others still run (each in a fresh process); the exit status is 1 if any failed. ``--deadline S``
 skips experiments that would start after S seconds (a GPU call has a hard time limit; an experiment
 writes its summary.json last, so one cut off leaves no half-written results). The notebooks then
