@@ -1,8 +1,9 @@
 """Chapter 4: decode with a KV cache while decoder layers are swapped FP16 <-> INT4.
 
 One run decodes ``steps`` greedy tokens for a batch of ``batch`` held-out prompts of ``prompt_len``
-tokens with a manual loop over ``past_key_values`` and times every step (wall clock from the step's
-start to a device synchronize after it: the time per output token a serving loop sees). Every
+tokens with the library's greedy decode (``eval.metrics.greedy_steps``, with the KV cache) and times
+every step (wall clock from the step's start to a device synchronize after it: the time per output
+token a serving loop sees). Every
 ``interval`` steps the same middle block of ``layers_swapped`` layers is swapped to INT4, then
 restored, alternately. Modes:
 
@@ -30,9 +31,11 @@ import torch
 from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, cpu_threads
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows
-from morphlib.models import load_model, num_layers, resolve_device
+from morphlib.eval.metrics import greedy_steps
+from morphlib.models import load_model, resolve_device
 from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.select.layersets import middle_block
+from morphlib.structure import num_layers
 
 MODES = ("none", "sync", "async")
 DEVICES = ("auto", "cuda", "cpu")
@@ -103,8 +106,8 @@ def decode_with_swaps(model, morpher, prompts: torch.Tensor, layers: list[int], 
     events = schedule(steps, interval) if mode != "none" else {}
     run = DecodeRun(mode, round_)
     _sync(device)
-    out = model(prompts.to(device), use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    decode = greedy_steps(model, prompts)
+    next(decode)  # the prompts' pass (untimed); its token is not counted
     tokens, state = [], "fp16"
     _sync(device)
     for step in range(steps):
@@ -116,9 +119,7 @@ def decode_with_swaps(model, morpher, prompts: torch.Tensor, layers: list[int], 
             run.events.append({"step": step, "kind": carried, "host_ms": rep.seconds * 1e3,
                                "allocated_delta": rep.device_allocated_delta, "freed_bytes": rep.freed_bytes})
         run.state.append(state)
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens.append(nxt)
+        tokens.append(next(decode))
         if mode == "async" and step + 1 in events:  # this step's work is enqueued: overlap the copies with it
             rep = _switch(morpher, events[step + 1], layers, stream=side_stream)
             rep.wait()  # the compute stream (next forward pass) waits for the copies; the host does not

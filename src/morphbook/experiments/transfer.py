@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, cpu_threads, int_tuple
+from morphlib.device import resolve_device
 from morphlib.errors import MorphError
-from morphlib.models import layer_linears, resolve_device
 from morphlib.quant.int4 import Int4Linear
 from morphlib.select.layersets import middle_block, runs, spread
 from morphlib.shapes import shape_config, shape_layer_bytes
+from morphlib.structure import layer_linears
 
 ALIGN = 256
 PACKINGS = ("tensor", "layer", "run")
