@@ -38,15 +38,15 @@ from IPython.display import Markdown, display
 
 from morphbook.publish import fmt
 from morphbook.publish.glue import glue_all
-from morphbook.publish.page import show
+from morphbook.publish.page import pick, provenance_text
 from morphbook.publish.readings import burst as reading
 from morphbook.publish.readings import serving
 from morphbook.publish.tables import show_table
 
 if not shown.path("preregistration.json").is_file():  # committed results made before the serving part existed
-    display(Markdown("```{note}\nThe committed results predate this chapter's serving part; this page shows this "
-                     "run's results until the chapter is re-run.\n```"))
-    shown = show("burst", cfg, results_root, committed_root=results_root)
+    shown = pick("burst", cfg, results_root, committed_root=results_root)
+    display(Markdown("```{note}\nThe committed results predate this chapter's serving part: the page shows this run's "
+                     "results until the chapter is re-run.\n```\n\n" + provenance_text(shown)))
 h, p = shown.headline, shown.params
 prereg = shown.json("preregistration.json")
 plan = tomllib.loads(prereg["text"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from morphbook.experiments.burst_plan import Plan, Setting, controller_spec, make_window, slo
 from morphbook.experiments.burst_slices import engine_fields, sim_fields
 from morphlib.engine.sweep import trace_dict
+from morphlib.errors import MorphError
 from morphlib.workloads.windows import at_rate, replay_window, window_starts
 
 
@@ -57,13 +58,13 @@ def sweep_tasks(plan: Plan, setting: Setting, traces: dict, cal: dict, fit: dict
         median_rate = rates.get(f"{name}:median", rates[f"{name}:busiest"])["rate"]
         f = median_rate / trace.mean_rate
         length, pre = setting.length_s * f, setting.preroll_s * f
-        starts = window_starts(trace, length, "tiled")
+        starts = window_starts(trace, length, "tiled") if setting.name in sw["tiled_settings"] else []
         if short:
             starts = starts[: sw["ci_windows"]]
         for i, start in enumerate(starts):
             try:
                 w = at_rate(replay_window(trace, start, length, pre), median_rate, trace.mean_rate)
-            except Exception:  # noqa: BLE001  (a tiled window without requests is not replayed)
+            except MorphError:  # a tiled window without a request is not replayed
                 continue
             for p in sw["tiled_policies"]:
                 tasks.append(policy_task(plan, setting, w, p, layer_orders, cal, fit,
