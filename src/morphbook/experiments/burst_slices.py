@@ -79,10 +79,8 @@ def build_llm(setting: Setting, fields: dict, seed: int = 0, clock=None):
     return llm
 
 
-def close(llm) -> None:
-    if hasattr(llm, "close"):
-        llm.close()
-    del llm
+def release() -> None:
+    """Free what a dropped engine held (call after the last reference to it is gone)."""
     gc.collect()
     try:
         import torch
@@ -91,6 +89,11 @@ def close(llm) -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def _close(llm) -> None:
+    if hasattr(llm, "close"):  # the CUDA allocator's cap (the simulator has none)
+        llm.close()
 
 
 def engine_record(llm) -> dict:
@@ -128,7 +131,7 @@ def sim_fields(setting: Setting, fields: dict, kv: dict) -> dict:
     """The simulator's engine fields for a real engine's: the same configuration with the engine's KV blocks
     (its budget is spent already) and its measured copy bandwidth."""
     out = {k: v for k, v in fields.items() if k not in ("card", "memory_budget", "device", "enforce_budget")}
-    out["kv_blocks"] = kv["main_blocks"]
+    out["kv_blocks"], out["device"] = kv["main_blocks"], "cpu"  # sizes are device-independent; no CUDA in workers
     if kv.get("copy_bandwidth"):
         out["copy_bandwidth"] = kv["copy_bandwidth"]
     return out
@@ -165,7 +168,9 @@ def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, pr
         s = plan.data["slo"]
         latency = unloaded_latency(llm, s["ttft_prompts"], reps=s["reps"], tpot_tokens=s["tpot_tokens"])
     finally:
-        close(llm)
+        _close(llm)
+    del llm
+    release()
     eng["copy_bandwidth"] = copy_bandwidth(bench["ops"]) or fields.get("copy_bandwidth")
     fit, report = fit_models(bench["steps"], bench["scenarios"], fields)
     progress(f"step-time model: held-out median error {report['holdout'].get('median_abs_pct', float('nan')):.1f} %")
@@ -244,7 +249,9 @@ def replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays,
                             "engine": {**eng, "copy_bandwidth": _measured_bw(payload, fields)},
                             "payload": payload, "seconds": time.perf_counter() - t1}
         finally:
-            close(llm)
+            _close(llm)
+        del llm
+        release()  # before the next engine is built
     return out
 
 
@@ -271,7 +278,9 @@ def virtual_replay(plan: Plan, setting: Setting, cal: dict, fit: dict, window, l
     try:
         runs = [serve(llm, window.trace, window.measured, precapture=ahead, **opts) for _ in range(2)]
     finally:
-        close(llm)
+        _close(llm)
+    del llm
+    release()
     sim = simulate({"model": setting.sim_model, "engine": sim_fields(setting, fields, cal["engine"]), "step_time": fit,
                     "trace": trace_dict(window.trace), "measured": window.measured.tolist(), **opts})
     d = [digest(p) for p in runs]

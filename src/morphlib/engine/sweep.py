@@ -136,23 +136,35 @@ def simulate(task: dict) -> dict:
     return {**payload, "key": task.get("key")}
 
 
-def _one_thread_simulate(task: dict) -> dict:
+def _worker_simulate(task: dict) -> tuple[dict, dict]:
+    """``simulate`` in a worker process (one torch thread), with the fingerprint of the code it ran."""
     import torch
 
+    from morphlib import fingerprint
+
     torch.set_num_threads(1)
-    return simulate(task)
+    with fingerprint.recording() as rec:
+        payload = simulate(task)
+    return payload, rec.fingerprint()
 
 
 def run_sweep(tasks: list[dict], workers: int | None = None) -> list[dict]:
     """``simulate`` every task, in ``workers`` processes (None: the CPUs this process may use; 1: here, in
-    order); payloads in the tasks' order."""
+    order); payloads in the tasks' order. The code the workers ran joins this process's fingerprint
+    recordings (``fingerprint.merge_into_current``), so a result made from their payloads records it."""
+    from morphlib import fingerprint
+
     n = workers if workers is not None else len(os.sched_getaffinity(0))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise MorphError(f"workers must be a positive number of processes, got {workers!r}")
     if n == 1 or len(tasks) <= 1:
         return [simulate(t) for t in tasks]
+    out = []
     with ProcessPoolExecutor(max_workers=min(n, len(tasks)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_one_thread_simulate, tasks, chunksize=1))
+        for payload, units in pool.map(_worker_simulate, tasks, chunksize=1):
+            fingerprint.merge_into_current(units)
+            out.append(payload)
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
