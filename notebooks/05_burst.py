@@ -231,26 +231,36 @@ else:
 # strategy and count).
 
 # %% tags=["remove-input"]
-cols = {"policy": "policy", "replays": "replays", "slo_violation_pct": "SLO violations (%)",
-        "slo_ci": "95 % CI", "p95_ttft_s": "P95 TTFT (s)", "p99_tpot_ms": "P99 TPOT (ms)",
-        "goodput": "goodput (req / s)", "quality_cost": "quality cost (ppl %)",
-        "reduction": "violations vs 16-bit (%)", "speedup": "P95 TTFT speedup"}
-ci = lambda v: fmt.interval(*v, 1) if v and v[0] is not None else "n/a"  # noqa: E731
+ci = lambda v, d=1: fmt.interval(*v, d) if v and v[0] is not None else "n/a"  # noqa: E731
+change = lambda r: (f"{fmt.num(-r['slo_violation_reduction_vs_fp16'], 1, signed=True)} ({ci([-x if x is not None else None for x in r['slo_violation_reduction_vs_fp16_ci95'][::-1]])})"  # noqa: E731
+                    if "slo_violation_reduction_vs_fp16" in r else "–")
+speedup = lambda r: (f"{fmt.times(r['p95_ttft_speedup_vs_fp16'])} ({ci(r['p95_ttft_speedup_vs_fp16_ci95'], 2)})"  # noqa: E731
+                     if "p95_ttft_speedup_vs_fp16" in r else "–")
 mine = [r for r in policies if r["setting"] == setting]
 if not mine:
     display(Markdown("**No engine replay yet.** The simulator's predictions for every policy follow below, once the "
                      "calibration slice has run."))
 for w in sorted({r["window"] for r in mine}):
-    rows = [{**r, "policy": pol(r["policy"]), "slo_ci": ci(r.get("slo_violation_pct_ci95")),
-             "reduction": (f"{fmt.num(-r['slo_violation_reduction_vs_fp16'], 1, signed=True)} "
-                           f"({ci([-x if x is not None else None for x in r['slo_violation_reduction_vs_fp16_ci95'][::-1]])})"
-                           if "slo_violation_reduction_vs_fp16" in r else "–"),
-             "speedup": (f"{fmt.times(r['p95_ttft_speedup_vs_fp16'])} ({ci(r['p95_ttft_speedup_vs_fp16_ci95'])})"
-                         if "p95_ttft_speedup_vs_fp16" in r else "–")}
+    rows = [{**r, "policy": pol(r["policy"]), "slo_ci": ci(r.get("slo_violation_pct_ci95")), "change": change(r),
+             "speedup": speedup(r), "swaps": f"{fmt.num(r['swaps'], 0)} / {fmt.num(r['restores'], 0)}"}
             for r in sorted(mine, key=lambda r: list(labels).index(r["policy"])) if r["window"] == w]
-    show_table(rows, cols, f"Engine replays, {window_label(w)}", f"tbl-ch5-policies-{w}",
-               formats={"slo_violation_pct": lambda v: fmt.num(v, 1), "p95_ttft_s": fmt.auto, "p99_tpot_ms": fmt.auto,
-                        "goodput": fmt.auto, "quality_cost": lambda v: fmt.num(v, 2)})
+    show_table(rows, {"policy": "policy", "replays": "replays", "slo_violation_pct": "SLO violations (%)",
+                      "slo_ci": "95 % CI", "ttft_violation_pct": "TTFT SLO missed (%)",
+                      "tpot_violation_pct": "TPOT SLO missed (%)", "change": "violations vs 16-bit (%, CI)",
+                      "goodput": "goodput (req / s)", "quality_cost": "quality cost (ppl %)"},
+               f"Engine replays, {window_label(w)}: SLOs", f"tbl-ch5-slo-{w}",
+               formats={"slo_violation_pct": lambda v: fmt.num(v, 1), "ttft_violation_pct": lambda v: fmt.num(v, 1),
+                        "tpot_violation_pct": lambda v: fmt.num(v, 1), "goodput": fmt.auto,
+                        "quality_cost": lambda v: fmt.num(v, 2)})
+    show_table(rows, {"policy": "policy", "p50_ttft_s": "TTFT P50 (s)", "p95_ttft_s": "TTFT P95 (s)",
+                      "p99_ttft_s": "TTFT P99 (s)", "speedup": "P95 TTFT speedup (CI)", "p50_tpot_ms": "TPOT P50 (ms)",
+                      "p99_tpot_ms": "TPOT P99 (ms)", "preemptions": "preemptions", "recomputed_tokens": "tokens recomputed",
+                      "swaps": "swaps / restores", "int4_layers_time_weighted": "INT4 layers (time-weighted)"},
+               f"Engine replays, {window_label(w)}: latencies and what the engine did (means over repeats)",
+               f"tbl-ch5-latency-{w}",
+               formats={k: fmt.auto for k in ("p50_ttft_s", "p95_ttft_s", "p99_ttft_s", "p50_tpot_ms", "p99_tpot_ms")}
+               | {"preemptions": lambda v: fmt.num(v, 0), "recomputed_tokens": lambda v: fmt.num(v, 0),
+                  "int4_layers_time_weighted": lambda v: fmt.num(v, 1)})
 
 # %% tags=["remove-input"]
 if len(simulated):

@@ -113,7 +113,7 @@ def sim_records(tmp_path_factory):
 
 
 def merged(root, **kw):
-    cfg = burst.Config.for_profile("cpu", replays_dir=str(replays_root(root)), sweep="none", workers=1, **kw)
+    cfg = burst.Config.for_profile("cpu", **{"replays_dir": str(replays_root(root)), "sweep": "none", "workers": 1, **kw})
     return burst.run(cfg, {"strategies": load_input("strategies", root, "burst")})
 
 
@@ -145,6 +145,9 @@ def test_merge_of_simulated_engine_replays_validates_exactly(sim_records):
     mm = cells["morph-middle"]
     lo, hi = mm["slo_violation_pct_ci95"]
     assert lo <= mm["slo_violation_pct"] <= hi and mm["replays"] == 1 and "p95_ttft_speedup_vs_fp16_ci95" in mm
+    rows = {r["policy"]: r for r in res.files["policies.json"]}
+    assert {"ttft_violation_pct_ci95", "tpot_violation_pct_ci95", "p99_ttft_s", "p50_tpot_ms"} <= set(rows["fp16-static"])
+    assert rows["int4-static"]["swaps"] == 0 and rows["int4-static"]["int4_layers_time_weighted"] == 4  # swapped first
     assert cells["fp16-static"]["quality_cost"] == 0 and cells["int4-static"]["quality_cost"] > 0
     assert h["verdict"]["state"] == "not tested on this profile"
     todo = [t["slice"] for t in res.files["replays.json"]["todo"]]
@@ -178,6 +181,19 @@ def test_a_replay_of_changed_code_is_stale_and_left_out(sim_records, tmp_path):
     todo = {t["slice"]: t for t in res.files["replays.json"]["todo"]}
     assert todo["cpu-micro.azure-conv-busiest.a"]["stale"] == [data["record"]["key"]]
     assert merged(copy, include_stale=True).headline["engine_replays"] == 3
+
+
+def test_short_sweep_in_worker_processes(sim_records):
+    """CI's short sweep: the first tiled windows, every other grid rate, the high mark, the three orders."""
+    rows = merged(sim_records[0], sweep="short", workers=2).files["sweep.json"]
+    assert {r["what"] for r in rows} == {"tiled", "rate", "threshold", "order"}
+    for trace in ("azure-conv", "azure-code"):  # the first three windows of the hour that hold a request
+        assert len({r["window"] for r in rows if r["what"] == "tiled" and r["trace"] == trace}) == 3
+    grid = PLAN.setting("cpu-micro").rate_grid
+    assert {r["rate"] for r in rows if r["what"] == "rate"} == set(grid[::2])
+    for trace in ("azure-conv", "azure-code"):  # identical layer shapes: the order changes which layers, not when
+        orders_ = [r for r in rows if r["what"] == "order" and r["trace"] == trace]
+        assert len(orders_) == 3 and len({(r["slo_violation_pct"], r["ttft_p95_s"], r["swaps"]) for r in orders_}) == 1
 
 
 def test_zero_replays_render_as_untested(tmp_path):

@@ -239,9 +239,11 @@ def _engine_part(plan, setting, usable, validation, windows, slos, length, curve
     payload_cells = {k: [r["payload"] for r in v] for k, v in cells.items()}
     b = plan.data["bootstrap"]
     pooled = merge.pooled_cells(payload_cells, slos, length, b["n_boot"], b["seed"]) if payload_cells else {}
-    for (wk, p), cell in pooled.items():
-        qs = [r["quality_cost_pct"] for r in per_replay if r["window"] == wk and r["policy"] == p]
-        cell["quality_cost"] = float(np.mean(qs))
+    for (wk, p), cell in pooled.items():  # what the engine did: means over the cell's repeats
+        mine = [r for r in per_replay if r["window"] == wk and r["policy"] == p]
+        cell["quality_cost"] = float(np.mean([r["quality_cost_pct"] for r in mine]))
+        for k in ("preemptions", "recomputed_tokens", "swaps", "restores", "int4_layers_time_weighted", "clipped"):
+            cell[k] = float(np.mean([r[k] for r in mine]))
     val_rows = []
     for task, sim in validation:
         rec = next(r for r in usable if r["key"] == task["key"]["replay"])

@@ -74,27 +74,29 @@ def _ffill(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- pooled over repeats, with intervals
 def _outcomes(payload: dict, slo_ttft: float, slo_tpot: float) -> dict:
     a = request_arrays(payload)
-    return {"ttft": a["ttft"], "tpot": a["tpot"], "multi": a["output"] > 1,
-            "bad": (a["ttft"] > slo_ttft) | (a["tpot"] > slo_tpot)}
+    ttft_bad, tpot_bad = a["ttft"] > slo_ttft, a["tpot"] > slo_tpot
+    return {"ttft": a["ttft"], "tpot": a["tpot"], "multi": a["output"] > 1, "bad": ttft_bad | tpot_bad,
+            "ttft_bad": ttft_bad, "tpot_bad": tpot_bad}
 
 
 def _stat(name: str, o: list[dict], idx: np.ndarray, reps: np.ndarray, length_s: float) -> float:
     """One statistic of a cell on requests ``idx`` (the same for every policy of a window: paired), taking for
     percentiles one repeat per draw (``reps``) and for rates the mean over the drawn repeats."""
-    if name == "slo_violation_pct":
-        return float(100 * np.mean([o[r]["bad"][idx].mean() for r in reps]))
+    if name in RATES:
+        return float(100 * np.mean([o[r][RATES[name]][idx].mean() for r in reps]))
     if name == "goodput":
         return float(np.mean([(~o[r]["bad"][idx]).sum() for r in reps]) / length_s)
     r = o[reps[0]]
-    if name == "p95_ttft_s":
-        return float(np.percentile(r["ttft"][idx], 95))
-    if name == "p99_tpot_ms":
-        t = r["tpot"][idx][r["multi"][idx]]
-        return float(1e3 * np.percentile(t, 99)) if len(t) else float("nan")
-    raise KeyError(name)
+    which, p = name.split("_")[1], int(name.split("_")[0][1:])
+    if which == "ttft":
+        return float(np.percentile(r["ttft"][idx], p))
+    t = r["tpot"][idx][r["multi"][idx]]
+    return float(1e3 * np.percentile(t, p)) if len(t) else float("nan")
 
 
-STATS = ("slo_violation_pct", "p95_ttft_s", "p99_tpot_ms", "goodput")
+RATES = {"slo_violation_pct": "bad", "ttft_violation_pct": "ttft_bad", "tpot_violation_pct": "tpot_bad"}
+STATS = ("slo_violation_pct", "p95_ttft_s", "p99_tpot_ms", "goodput", "ttft_violation_pct", "tpot_violation_pct",
+         "p50_ttft_s", "p99_ttft_s", "p50_tpot_ms")
 
 
 def pooled_cells(cells: dict, slo: dict, length_s: dict, n_boot: int, seed: int) -> dict:

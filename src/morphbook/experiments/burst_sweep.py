@@ -59,13 +59,15 @@ def sweep_tasks(plan: Plan, setting: Setting, traces: dict, cal: dict, fit: dict
         f = median_rate / trace.mean_rate
         length, pre = setting.length_s * f, setting.preroll_s * f
         starts = window_starts(trace, length, "tiled") if setting.name in sw["tiled_settings"] else []
-        if short:
-            starts = starts[: sw["ci_windows"]]
+        taken = 0
         for i, start in enumerate(starts):
+            if short and taken == sw["ci_windows"]:  # the CPU profile: the first few windows that hold a request
+                break
             try:
                 w = at_rate(replay_window(trace, start, length, pre), median_rate, trace.mean_rate)
             except MorphError:  # a tiled window without a request is not replayed
                 continue
+            taken += 1
             for p in sw["tiled_policies"]:
                 tasks.append(policy_task(plan, setting, w, p, layer_orders, cal, fit,
                                          {"what": "tiled", "trace": name, "window": i, "start_s": start, "rate": median_rate}))
