@@ -19,13 +19,19 @@ from morphbook.publish.files import atomic_write_json, atomic_write_text
 from morphbook.publish.findings import findings_markdown, format_value, table_entries
 from morphbook.publish.provenance import gpu_kind, provenance
 from morphbook.publish.store import load_summary
+from morphlib import fingerprint
 from morphlib.errors import MorphError
 
 PARAMS = {"profile": "cpu", "model": "smollm2-135m", "seed": 0}
 
 
 def save_summary(chapter, params, headline, root, extra_files=None, wall_s=1.0):
-    return store.save_result(chapter, Result(params, headline, extra_files or {}, wall_s), root)
+    """A result saved with the fingerprint of the modules this process has loaded (nothing ran)."""
+    return store.save_result(chapter, Result(params, headline, extra_files or {}, wall_s), root,
+                             recording=fingerprint.Recording()).path
+
+
+FINGERPRINT = {"morphlib/errors.py::check_int": "0" * 16}
 
 
 def test_atomic_json_sorted_nan_numpy(tmp_path):
@@ -63,7 +69,9 @@ def test_gpu_kind():
 
 
 def test_provenance_fields_and_no_hostname():
-    prov = provenance("strategies", PARAMS, 12.34)
+    prov = provenance("strategies", PARAMS, 12.34, FINGERPRINT, {"sensitivity": "ab" * 8})
+    assert prov["fingerprint"] == FINGERPRINT and prov["inputs"] == {"sensitivity": "ab" * 8}
+    assert len(prov["code_hash"]) == 16
     for key in ("code_hash", "git", "device", "gpu", "versions", "params", "profile", "date", "chapter", "wall_s"):
         assert key in prov
     assert prov["profile"] == "cpu" and prov["params"] == PARAMS and prov["wall_s"] == 12.3
@@ -82,7 +90,9 @@ def test_provenance_fields_and_no_hostname():
 ])
 def test_bad_input_is_one_line_error(chapter, params, match):
     with pytest.raises(MorphError, match=match):
-        provenance(chapter, params, 1.0)
+        provenance(chapter, params, 1.0, FINGERPRINT)
+    with pytest.raises(MorphError, match="needs the fingerprint"):
+        provenance("burst", PARAMS, 1.0, {})
 
 
 def test_save_summary_writes_extras_then_summary(tmp_path, monkeypatch):
@@ -158,7 +168,7 @@ def _shown(root, profile, device, edit=None):
     data = json.loads(path.read_text())
     data["provenance"].update(device=device, git={"commit": "abcdef123456", "dirty": profile == "cpu"})
     if edit == "stale":
-        data["provenance"]["code_hash"] = "0" * 64
+        data["provenance"]["fingerprint"] = FINGERPRINT
     path.write_text(json.dumps(data))
     if edit == "modified":
         (root / "strategies" / "r.json").write_text("[2]")
@@ -196,7 +206,7 @@ def test_findings_table(tmp_path):
     save_summary("sensitivity", PARAMS, {"worst_layer": 3, "cost": {"value": 1.234567, "unit": "%", "label": "Mean cost"}}, fresh)
     save_summary("burst", {**PARAMS, "profile": "gpu"}, {"p95_ttft": 2.0}, committed)
     prov = json.loads((committed / "burst" / "summary.json").read_text())
-    prov["provenance"]["code_hash"] = "0" * 64  # pretend the code changed since
+    prov["provenance"]["fingerprint"] = FINGERPRINT  # pretend the code changed since
     prov["provenance"]["gpu"] = "H100"
     (committed / "burst" / "summary.json").write_text(json.dumps(prov))
     md = findings_markdown(fresh, committed, present={"sensitivity", "burst"})

@@ -12,6 +12,13 @@ def test_run_writes_results_and_reports_failures(tmp_path):
     summary = json.loads((tmp_path / "burst" / "summary.json").read_text())
     assert summary["provenance"]["profile"] == "cpu" and summary["provenance"]["wall_s"] >= 0
     assert set(summary["provenance"]["files"]) >= {"capacity.json", "traces.json"}
+    assert "morphbook/experiments/burst.py::run" in summary["provenance"]["fingerprint"]
+    # the same run again reproduces every detail file: re-verified, not a new result
+    again = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),
+                            "--only", "burst"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "re-verified at " in again.stdout, again.stdout + again.stderr
+    prov = json.loads((tmp_path / "burst" / "summary.json").read_text())["provenance"]
+    assert prov["date"] == summary["provenance"]["date"] and len(prov["reverified"]) == 1
     bad = subprocess.run([sys.executable, "-m", "morphbook.run", "--only", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown experiment" in bad.stderr and "Traceback" not in bad.stderr
     # chapter 3's gpu profile on a machine without CUDA: a one-line error, reported, exit 1

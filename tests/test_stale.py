@@ -1,123 +1,303 @@
-"""Code hashes and the stale check, on a small fake source tree (experiment modules + library modules) in tmp_path."""
+"""Results that stay valid while the code moves: fingerprints in results, the stale check, declared
+inputs, re-verified reruns, and saving refused when the code that ran is not the code on disk.
+
+The end-to-end tests run chapter 5 (``burst``, a few seconds on the CPU profile) in a fresh process
+on a copy of ``src/`` (``MORPHBOOK_SRC`` + ``PYTHONPATH``), then edit the copy.
+"""
 
 from __future__ import annotations
 
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from morphbook.experiments.base import Result
 from morphbook.publish import codehash, stale
+from morphbook.publish.inputs import load_inputs
+from morphbook.publish.provenance import digest
 from morphbook.publish.store import load_summary, save_result
+from morphlib import fingerprint
+from morphlib.errors import MorphError
 
-EXPERIMENT = '''"""Chapter 2 (fake). Docstrings and comments never change the hash."""
-from morphlib import helper
-import morphlib.other as other
-from morphbook.experiments import base  # an experiment helper: hashed
+SRC = Path(__file__).resolve().parents[1] / "src"
+LIBRARY = "morphlib/workloads/kvcache.py"  # a module chapter 5 loads; the test adds three things to it
+ADDED = '''
+
+def _fingerprint_test_never_run():
+    return 1
 
 
-def run():
-    from morphlib.lazy import z  # an import inside a function counts too
-    return helper.f() + other.g() + z + base.B
+def _fingerprint_test_jit(fn):  # stands for @triton.jit: the kernel's body never runs as Python
+    return fn
+
+
+@_fingerprint_test_jit
+def _fingerprint_test_kernel(x):
+    return x + 1
+
+
+FINGERPRINT_TEST_CONSTANT = 1
 '''
 
-MODULES = {
-    "morphlib/__init__.py": '"""fake morphlib"""\n',
-    "morphlib/helper.py": "from .deep import h\n\n\ndef f():\n    return h() + 1\n",
-    "morphlib/deep.py": "def h():\n    return 41\n",
-    "morphlib/other.py": "from morphlib import deep\n\n\ndef g():\n    return deep.h()\n",
-    "morphlib/lazy.py": "z = 0\n",
-    "morphlib/unrelated.py": "X = 1\n",
-    "morphbook/__init__.py": "",
-    "morphbook/experiments/__init__.py": "",
-    "morphbook/experiments/base.py": "B = 0\n",
-    "morphbook/experiments/strategies.py": EXPERIMENT,
-    "morphbook/experiments/burst.py": "from morphlib import unrelated\n",
-    "morphbook/publish/__init__.py": "",
-}
 
-
-@pytest.fixture
-def tree(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    for name, text in MODULES.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_text(text)
-    monkeypatch.setenv("MORPHBOOK_SRC", str(src))
-    results = tmp_path / "results"
-    save_result("strategies", Result({"profile": "gpu"}, {"ppl": 40.1}, {"records.json": [1, 2]}, 3.0), results)
-    return src, results
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new))
-
-
-def test_closure_is_transitive_and_narrow(tree):
-    mods = codehash.closure("morphbook.experiments.strategies")
-    assert set(mods) == {"morphbook.experiments.strategies", "morphbook.experiments", "morphbook.experiments.base",
-                         "morphlib", "morphlib.helper", "morphlib.deep", "morphlib.other", "morphlib.lazy"}
-    assert "morphlib.unrelated" not in mods  # another chapter's library module
-    assert set(codehash.closure("morphbook.experiments.burst")) == {
-        "morphbook.experiments.burst", "morphbook.experiments", "morphlib", "morphlib.unrelated"}
-
-
-def test_hash_ignores_prose_and_follows_code(tree):
-    src, results = tree
-    h0 = codehash.code_hash("strategies")
-    edit(src / "morphbook/experiments/strategies.py", "never change the hash.", "never change it, really.")
-    edit(src / "morphlib/deep.py", "def h():", "# a comment\n\n\ndef h():")
-    assert codehash.code_hash("strategies") == h0
-    edit(src / "morphlib/unrelated.py", "X = 1", "X = 2")  # another chapter's code
-    assert codehash.code_hash("strategies") == h0
-    edit(src / "morphlib/deep.py", "return 41", "return 42")  # two imports deep
-    assert codehash.code_hash("strategies") != h0
-
-
-def _row(results, name="strategies"):
+def _row(name, results):
     return stale.status(name, load_summary(name, results), results)
 
 
-def test_status_ok_stale_modified(tree):
-    src, results = tree
-    assert _row(results).state == "ok"
-    edit(src / "morphlib/lazy.py", "z = 0", "z = 1")
-    row = _row(results)
-    assert row.state == "STALE" and not row.fails() and row.fails(strict=True)
-    edit(src / "morphlib/lazy.py", "z = 1", "z = 0")
-    assert _row(results).state == "ok"
-    (results / "strategies" / "records.json").write_text("[1, 3]\n")
-    row = _row(results)
+def _env(src: Path) -> dict:
+    return {**os.environ, "MORPHBOOK_SRC": str(src), "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+
+
+def _append_statement(path: Path, unit: str) -> None:
+    """Add a no-op statement at the end of ``unit``'s body (a code change that is always valid)."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    node = next(n for name, n in fingerprint._defs(tree.body) if name == unit)
+    lines = text.split("\n")
+    indent = " " * node.body[0].col_offset
+    lines.insert(node.end_lineno, f"{indent}_fingerprint_test_edit = None")
+    path.write_text("\n".join(lines))
+
+
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture(scope="module")
+def burst_run(tmp_path_factory):
+    """(copy of src, results root) after ``morphbook.run`` made chapter 5's results from the copy."""
+    base = tmp_path_factory.mktemp("fp")
+    src = base / "src"
+    shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    with open(src / LIBRARY, "a") as fh:
+        fh.write(ADDED)
+    results = base / "results"
+    out = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(results),
+                          "--one", "burst"], capture_output=True, text=True, timeout=600, env=_env(src), cwd=base)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return src, results
+
+
+@pytest.fixture
+def copy(burst_run, monkeypatch):
+    """The copy, checked back to its state at the run after each test."""
+    src, results = burst_run
+    monkeypatch.setenv("MORPHBOOK_SRC", str(src))
+    saved = {p: p.read_text() for p in src.rglob("*.py")}
+    yield src, results
+    for path, text in saved.items():
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+def test_fingerprint_of_a_real_run(copy):
+    src, results = copy
+    fp = load_summary("burst", results)["provenance"]["fingerprint"]
+    ran = [n for n in fp if not n.endswith("::<module>")]
+    assert "morphbook/experiments/burst.py::run" in ran and any(n.startswith("morphlib/workloads/") for n in ran)
+    assert f"{LIBRARY}::<module>" in fp and f"{LIBRARY}::_fingerprint_test_never_run" not in fp
+    # chapter 5 is trace arithmetic: no INT4 kernel, model loading or morphing code ran or was loaded
+    assert not [n for n in fp if n.startswith(("morphlib/quant/", "morphlib/models.py", "morphlib/morph.py"))]
+    assert not [n for n in fp if n.startswith("morphbook/publish/")]
+    assert _row("burst", results).state == "ok"
+
+
+def test_editing_code_it_never_ran_leaves_it_ok(copy):
+    src, results = copy
+    _append_statement(src / LIBRARY, "_fingerprint_test_never_run")
+    _replace(src / "morphbook/experiments/burst.py", '"""', '"""Reworded. ')  # prose only
+    assert _row("burst", results).message == "ok"
+
+
+def test_editing_what_it_ran_names_the_unit(copy):
+    src, results = copy
+    summary = load_summary("burst", results)
+    commit = stale._short(summary["provenance"]["git"])
+    library_unit = next(n for n in summary["provenance"]["fingerprint"]
+                        if n.startswith("morphlib/workloads/") and not n.endswith("::<module>"))
+    rel, unit = library_unit.split("::")
+    _append_statement(src / rel, unit)
+    assert _row("burst", results).message == f"STALE: {library_unit} changed since {commit}"
+    _append_statement(src / "morphbook/experiments/burst.py", "run")
+    row = _row("burst", results)
+    assert row.state == "STALE" and "morphbook/experiments/burst.py::run" in row.message
+    assert row.fails(strict=True) and not row.fails()
+    lines = codehash.report("burst", results)
+    assert lines[0].startswith("burst: ") and lines[0].endswith("; 2 changed") and " modules; " in lines[0]
+    assert any(line.split() == ["changed", "run"] for line in lines)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("    return x + 1", "    return x + 2"),  # a (Triton-style) decorated kernel in a module it loaded
+    ("FINGERPRINT_TEST_CONSTANT = 1", "FINGERPRINT_TEST_CONSTANT = 2"),  # a module constant
+])
+def test_editing_a_kernel_or_a_constant_of_a_loaded_module(copy, old, new):
+    src, results = copy
+    _replace(src / LIBRARY, old, new)
+    assert _row("burst", results).message.startswith(f"STALE: {LIBRARY}::<module> changed since ")
+
+
+def test_many_changes_are_counted_and_gone_units_named(copy):
+    src, results = copy
+    fp = load_summary("burst", results)["provenance"]["fingerprint"]
+    for path in {src / n.split("::")[0] for n in fp}:
+        path.write_text(path.read_text() + "\nFINGERPRINT_TEST_EVERYWHERE = 1\n")
+    modules = len({n.split("::")[0] for n in fp})
+    assert _row("burst", results).message.endswith(f"and {modules - 3} more changed since "
+                                                   f"{stale._short(load_summary('burst', results)['provenance']['git'])}")
+    (src / "morphbook/experiments/burst.py").unlink()
+    assert "morphbook/experiments/burst.py::<module> (gone)" in _row("burst", results).message
+
+
+NOTEBOOK = '''
+import sys
+from pathlib import Path
+from morphbook.experiments import burst
+from morphbook.publish.notebook import run_chapter
+from morphlib.errors import MorphError
+
+target, results = Path(sys.argv[1]), sys.argv[2]
+original = target.read_text()
+edit = lambda: target.write_text(original.replace({old!r}, {new!r}))  # noqa: E731
+
+def run_editing_during_the_run(cfg):
+    result = burst.run(cfg)
+    edit()
+    return result
+
+for case in ("before", "during"):
+    if case == "before":  # the kernel imported burst, then its file was edited (in the editor)
+        edit()
+    try:
+        run_chapter("burst", burst.run if case == "before" else run_editing_during_the_run,
+                    burst.Config.for_profile("cpu"), results)
+    except MorphError as exc:
+        print(f"{{case}}: {{exc}}")
+    target.write_text(original)
+'''
+
+
+def test_a_notebook_holding_old_code_cannot_save(copy, tmp_path):
+    """A kernel that imported the module before an edit, and an edit during the run: neither saves."""
+    src, _ = copy
+    target = src / "morphbook/experiments/burst.py"
+    old = "    with Stopwatch() as sw:"
+    assert old in target.read_text()
+    script = tmp_path / "nb.py"
+    script.write_text(NOTEBOOK.format(old=old, new="    _edited = 1\n" + old))
+    results = tmp_path / "results"
+    out = subprocess.run([sys.executable, str(script), str(target), str(results)], capture_output=True,
+                         text=True, timeout=300, env=_env(src), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith(("before:", "during:"))] == [
+        "before: not saved: this process runs code older than its files (morphbook/experiments/burst.py::run): "
+        "restart the kernel (or process) and run again",
+        "during: not saved: morphbook/experiments/burst.py::run changed on disk during the run; run it again"]
+    assert not (results / "burst" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- saved results, in process
+def _save(name, headline, root, files=None, inputs=None):
+    result = Result({"profile": "cpu"}, headline, files if files is not None else {"records.json": [1, 2]}, 3.0)
+    return save_result(name, result, root, recording=fingerprint.Recording(), inputs=inputs)
+
+
+def test_inputs_rerun_reverified_and_modified(tmp_path):
+    _save("strategies", {"ppl": 40.1}, tmp_path, {"sets.json": {"block": {"2": [10, 11]}}})
+    inputs = load_inputs("domains", tmp_path)
+    assert inputs["strategies"].json("sets.json") == {"block": {"2": [10, 11]}}
+    with pytest.raises(MorphError, match="input strategies has no detail file 'nope.json'"):
+        inputs["strategies"].json("nope.json")
+    _save("domains", {"win": 0.5}, tmp_path, inputs=inputs)
+    prov = load_summary("domains", tmp_path)["provenance"]
+    assert prov["inputs"] == {"strategies": inputs["strategies"].identity}
+    assert _row("domains", tmp_path).message == "ok"
+    # chapter 2 re-run with the same results: re-verified, and what uses it stays ok
+    first = load_summary("strategies", tmp_path)["provenance"]
+    again = _save("strategies", {"ppl": 40.1, "phase_seconds": {"setup": 2.0}}, tmp_path,  # slower, same result
+                  {"sets.json": {"block": {"2": [10, 11]}}})
+    assert again.reverified_at is not None and again.describe(3.0).startswith(f"re-verified at {again.reverified_at}")
+    prov = load_summary("strategies", tmp_path)["provenance"]
+    assert prov["date"] == first["date"] and prov["git"] == first["git"] and prov["files"] == first["files"]
+    assert load_summary("strategies", tmp_path)["headline"] == {"ppl": 40.1}  # the original run's
+    assert [set(e) for e in prov["reverified"]] == [{"commit", "date", "device", "wall_s"}]
+    assert _row("strategies", tmp_path).message == "ok" and _row("domains", tmp_path).message == "ok"
+    # chapter 2 re-run with other sets: a new result, and what uses it is stale
+    fresh = _save("strategies", {"ppl": 40.1}, tmp_path, {"sets.json": {"block": {"2": [11, 12]}}})
+    assert fresh.reverified_at is None and "reverified" not in load_summary("strategies", tmp_path)["provenance"]
+    row = _row("domains", tmp_path)
+    assert row.state == "STALE" and row.message == "STALE (input strategies re-run since)"
+    # the stale input cannot be saved against: it was re-run after the domains run loaded it
+    with pytest.raises(MorphError, match="input strategies .* was re-run during this run"):
+        _save("domains", {"win": 0.5}, tmp_path, inputs=inputs)
+    (tmp_path / "strategies" / "sets.json").write_text("{}")
+    with pytest.raises(MorphError, match=r"input strategies in .* is MODIFIED \(sets.json\): re-run strategies"):
+        load_inputs("vllm", tmp_path)
+    with pytest.raises(MorphError, match=r"domains needs the results of chapter 2 \(strategies\) in .* first"):
+        load_inputs("domains", tmp_path / "empty")
+    assert load_inputs("burst", tmp_path) == {}
+
+
+def test_status_missing_modified_and_made_before_fingerprints(tmp_path):
+    _save("strategies", {"ppl": 40.1}, tmp_path)
+    assert _row("strategies", tmp_path).state == "ok"
+    path = tmp_path / "strategies" / "summary.json"
+    data = json.loads(path.read_text())
+    del data["provenance"]["fingerprint"]
+    data["provenance"]["git"] = {"commit": "547228e0000", "dirty": False}
+    path.write_text(json.dumps(data))
+    row = _row("strategies", tmp_path)
+    assert row.message == "STALE (made before per-function fingerprints, at 547228e: re-run)"
+    (tmp_path / "strategies" / "records.json").write_text("[1, 3]\n")
+    row = _row("strategies", tmp_path)
     assert row.state == "MODIFIED" and "records.json" in row.message and row.fails()
-    (results / "strategies" / "records.json").unlink()
-    assert "records.json (missing)" in _row(results).message
+    (tmp_path / "strategies" / "records.json").unlink()
+    assert "records.json (missing)" in _row("strategies", tmp_path).message
+    assert codehash.report("strategies", tmp_path)[0].startswith("strategies: made before per-function fingerprints")
 
 
-def test_cli_exit_codes(tree, capsys):
-    src, results = tree
-    # every other chapter is missing: book chapters fail, benchmarks do not
-    assert stale.main(["--results", str(results)]) == 1
+def test_refuses_a_result_without_its_recording(tmp_path):
+    with pytest.raises(MorphError, match="needs the fingerprint.Recording"):
+        save_result("burst", Result({"profile": "cpu"}, {"v": 1}), tmp_path, recording=None)
+
+
+def test_cli_checks_every_results_root(tmp_path, capsys):
+    _save("strategies", {"ppl": 40.1}, tmp_path)
+    family = tmp_path / "families" / "gemma3-270m"
+    _save("sensitivity", {"worst": 3}, family)
+    (family / "sensitivity" / "records.json").write_text("[0]")
+    # every other chapter is missing from the root: book chapters fail, benchmarks do not
+    assert stale.main(["--results", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "strategies" in out and "missing" in out
-    rows = {r.chapter: r for r in stale.check(results)}
+    rows = {r.chapter: r for r in stale.check(tmp_path)}
     assert not rows["kernels"].fails() and rows["burst"].fails()
     assert not rows["strategies"].fails(strict=True)
+    assert rows["families/gemma3-270m/sensitivity"].state == "MODIFIED"
+    assert "families/gemma3-270m/strategies" not in rows  # below the root, only what is there
+    assert stale.main(["--results", str(tmp_path), "--explain"]) == 1
+    assert "ok       morphlib/errors.py::<module>" in capsys.readouterr().out
 
 
-def test_missing_experiment_module_is_a_one_line_error(tree):
-    src, _ = tree
-    (src / "morphbook/experiments/strategies.py").unlink()
-    with pytest.raises(Exception, match="experiment module morphbook.experiments.strategies not found"):
-        codehash.code_hash("strategies")
+def test_codehash_cli(tmp_path, capsys):
+    _save("burst", {"v": 1}, tmp_path)
+    assert codehash.main(["burst", "--results", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("burst: 0 units, ") and first.endswith("modules; all ok")
+    with pytest.raises(SystemExit):
+        codehash.main(["nope"])
+    assert "unknown chapter 'nope'" in capsys.readouterr().err
 
 
-def test_real_chapters_hash_only_what_they_run():
-    """Chapter 5 (trace arithmetic) carries no INT4 kernel or model-loading code; chapter 1 does."""
-    burst = codehash.closure("morphbook.experiments.burst")
-    assert not {"morphlib.quant.int4", "morphlib.models", "morphlib.morph"} & set(burst), sorted(burst)
-    sens = codehash.closure("morphbook.experiments.sensitivity")
-    assert {"morphlib.quant.int4", "morphlib.morph", "morphlib.select.sensitivity"} <= set(sens)
-    assert not any(m.startswith("morphbook.publish") for m in sens)
-    assert "morphbook.experiments.strategies" not in sens
+def test_code_hash_is_the_fingerprint_digest(tmp_path):
+    _save("burst", {"v": 1}, tmp_path)
+    prov = load_summary("burst", tmp_path)["provenance"]
+    assert prov["fingerprint"] and prov["code_hash"] == digest(prov["fingerprint"]) and len(prov["code_hash"]) == 16

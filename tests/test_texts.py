@@ -1,7 +1,6 @@
 """A user's own texts: explicit calibration and held-out sources (files, folders, lists of strings), their
 one-line errors, and the chapters' and command line's calibration_texts / heldout_texts."""
 
-import json
 import subprocess
 import sys
 
@@ -94,14 +93,16 @@ def test_chapter_configs_check_and_record_explicit_texts(module):
 
 
 def test_domain_checks_refuse_chapter2_run_on_explicit_texts(tmp_path):
-    folder = tmp_path / "strategies"
-    folder.mkdir()
+    from morphbook.experiments.base import Result
+    from morphbook.publish.inputs import load_inputs
+    from morphbook.publish.store import save_result
+    from morphlib import fingerprint
+
     params = {"profile": "cpu", "texts": "default", "calibration_texts": "c/", "heldout_texts": "h.txt"}
-    (folder / "summary.json").write_text(json.dumps({"provenance": {"params": params}}))
-    for name in ("sets.json", "window_nll.json", "windows.json"):
-        (folder / name).write_text("{}")
+    files = {name: {} for name in ("sets.json", "window_nll.json", "windows.json")}
+    save_result("strategies", Result(params, {"per_k": {}}, files), tmp_path, recording=fingerprint.Recording())
     with pytest.raises(MorphError, match="need the book's own corpus"):
-        domains.run(domains.Config.for_profile("cpu"), results_root=tmp_path)
+        domains.run(domains.Config.for_profile("cpu"), load_inputs("domains", tmp_path))
 
 
 def test_cli_explicit_texts_go_together():

@@ -41,7 +41,7 @@ def test_config_checks_once_with_one_line_errors():
     from morphbook.experiments.vllm import Config
 
     cpu = Config.for_profile("cpu")
-    assert cpu.ks == (2, 8) and cpu.prompts > 0 and cpu.swap_method == "repack"
+    assert cpu.ks == (2, 4) and cpu.prompts > 0 and cpu.swap_method == "repack"
     assert Config.for_profile("gpu").prompts >= 32 and Config.for_profile("gpu").new_tokens >= 64
     assert Config.for_profile("cpu", ks="[4, 2]").ks == (2, 4)  # papermill passes lists as text
     for bad in (dict(profile="tpu"), dict(profile="cpu", group_size=48), dict(profile="cpu", ks=[0]),

@@ -2,6 +2,9 @@
 
 A new chapter = one entry here + one experiment module (``morphbook/experiments/<name>.py``, with
 ``Config.for_profile`` and ``run``) + one notebook (``notebooks/NN_<name>.py``) + one line in ``_toc.yml``.
+A chapter that builds on others' results declares them (``uses=("strategies",)``): its ``run(cfg, inputs)``
+is handed them, checked, from the same results root (``morphbook.publish.inputs``), and its results
+turn STALE when an input is re-run with other results.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Chapter:
     experiment: str  # the module whose code (plus the library modules it imports) made the numbers
     runs_on: str  # where the published profile runs: "gpu", "cpu" or "cpu or gpu"
     kernel: str = "python3"  # the Jupyter kernel papermill runs the notebook with
+    uses: tuple[str, ...] = ()  # the chapters whose results this one reads (run(cfg, inputs))
 
     @property
     def docname(self) -> str:
@@ -37,17 +41,20 @@ CHAPTERS: tuple[Chapter, ...] = (
             "morphbook.experiments.overlap", "gpu"),
     Chapter("burst", 5, "Serving a bursty trace", "notebooks/05_burst.py", "morphbook.experiments.burst", "cpu or gpu"),
     Chapter("vllm", 6, "Swapping inside vLLM", "notebooks/06_vllm.py", "morphbook.experiments.vllm", "cpu",
-            kernel="morphbook-vllm"),
+            kernel="morphbook-vllm", uses=("strategies",)),
 )
 # Experiments without a page of their own (their numbers appear on a chapter's page, or in results/ only).
 BENCHMARKS: tuple[Chapter, ...] = (
     Chapter("domains", None, "Chapter 2 across domains (shown on chapter 2's page)", None,
-            "morphbook.experiments.domains", "cpu or gpu"),
+            "morphbook.experiments.domains", "cpu or gpu", uses=("strategies",)),
     Chapter("kernels", None, "INT4 linear kernels", None, "morphbook.experiments.kernels", "gpu"),
     Chapter("engine", None, "Serving engine", None, "morphbook.experiments.engine", "gpu"),
 )
 ALL: tuple[Chapter, ...] = CHAPTERS + BENCHMARKS
 NAMES: tuple[str, ...] = tuple(c.name for c in ALL)
+_bad_uses = [f"{c.name} uses {u}" for i, c in enumerate(ALL) for u in c.uses if u not in NAMES[:i] or u == c.name]
+if _bad_uses:  # an input must be a chapter listed before: results are made in this order
+    raise MorphError(f"chapters.py: inputs must name an earlier chapter: {', '.join(_bad_uses)}")
 
 
 def chapter(name: str) -> Chapter:

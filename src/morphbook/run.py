@@ -7,7 +7,10 @@
         --results results/families/gemma3-270m                              # another model
 
 Each experiment runs with its profile's published configuration (``Config.for_profile(profile)``) and
-writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``). A failing experiment is
+writes ``<results>/<name>/`` with provenance (``morphbook.publish.store``): the fingerprint of the code
+that ran (recorded from before the experiment module is imported) and the identity of the inputs it
+declares (read from the same results root; ``run(cfg, inputs)``). A rerun that reproduces the saved
+result prints "re-verified at <commit>" instead of writing a new one. A failing experiment is
 reported and the others still run (each in a fresh process); the exit status is 1 if any failed. ``--deadline S``
 skips experiments that would start after S seconds (a GPU call has a hard time limit; an experiment
 writes its summary.json last, so one cut off leaves no half-written results). The notebooks then
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import subprocess
 import sys
 import time
 
 from morphbook.chapters import ALL, chapter
+from morphbook.publish.inputs import call_run, load_inputs
 from morphbook.publish.store import save_result
+from morphlib import fingerprint
 from morphlib.errors import MorphError
 
 
@@ -55,14 +59,15 @@ def run_isolated(name: str, profile: str, results_root: str, overrides: list[str
 
 def run_one(name: str, profile: str, results_root: str, overrides: dict | None = None) -> float:
     """Run one experiment on ``profile`` (config fields replaced by ``overrides``) and save it; returns its
-    wall time."""
-    module = importlib.import_module(chapter(name).experiment)
-    cfg = module.Config.for_profile(profile, **(overrides or {}))
-    # an experiment that builds on another's results (e.g. domains on chapter 2's) reads them from results_root
-    takes_root = "results_root" in inspect.signature(module.run).parameters
-    result = module.run(cfg, results_root=results_root) if takes_root else module.run(cfg)
-    path = save_result(name, result, results_root)
-    print(f"  saved {path} ({result.wall_s:.1f} s)", flush=True)
+    wall time. The fingerprint recording starts before the experiment module is imported, so its
+    module-level code counts; the inputs it declares are read from ``results_root``."""
+    inputs = load_inputs(name, results_root)
+    with fingerprint.recording() as rec:
+        module = importlib.import_module(chapter(name).experiment)
+        cfg = module.Config.for_profile(profile, **(overrides or {}))
+        result = call_run(name, module.run, cfg, inputs)
+    saved = save_result(name, result, results_root, recording=rec, inputs=inputs)
+    print(f"  {saved.describe(result.wall_s)}", flush=True)
     return result.wall_s
 
 

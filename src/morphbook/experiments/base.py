@@ -1,9 +1,11 @@
 """What every experiment module shares: the result it returns and the profile/override rule of its config.
 
+Every experiment's ``Config`` is a frozen dataclass derived from :class:`ProfileConfig`, with its
+per-profile values given once (``class Config(ProfileConfig, defaults=DEFAULTS)``).
 ``Config.for_profile(profile, **overrides)``: ``"cpu"`` = small sizes for CI, ``"gpu"`` = the book's
 published run; any field can be overridden by name (an unknown name is a one-line error listing the
-valid ones). ``run(cfg)`` returns a :class:`Result`; the publishing side (``morphbook.publish``)
-writes it with its provenance.
+valid ones). ``run(cfg)`` (``run(cfg, inputs)`` for a chapter that reads others' results) returns a
+:class:`Result`; the publishing side (``morphbook.publish``) writes it with its provenance.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from morphlib.errors import MorphError
+from morphlib.errors import MorphError, check_int
 
 PROFILES = ("cpu", "gpu")
 
@@ -39,6 +41,50 @@ def config_for_profile(cls, profile: str, defaults: dict[str, dict], overrides: 
         raise MorphError(f"unknown parameter(s) {', '.join(unknown)} for {cls.__module__.rsplit('.', 1)[-1]}; "
                          f"valid: {', '.join(sorted(names - {'profile'}))}")
     return cls(profile=profile, **{**defaults[profile], **overrides})
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Base of the experiments' configs: ``profile`` plus the subclass's fields, whose values per profile
+    are given with the class (``class Config(ProfileConfig, defaults={"gpu": {...}, "cpu": {...}})``)."""
+
+    profile: str
+
+    def __init_subclass__(cls, defaults: dict[str, dict] | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if defaults is not None:
+            if set(defaults) != set(PROFILES):
+                raise MorphError(f"{cls.__module__}: defaults must give the profiles {PROFILES}, got {sorted(defaults)}")
+            cls.DEFAULTS = defaults
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides):
+        """The profile's configuration, with any field replaced by name (one-line errors)."""
+        return config_for_profile(cls, profile, cls.DEFAULTS, overrides)
+
+    def check_counts(self, *names: str, lo: int = 1) -> None:
+        """Each named field must be an integer >= ``lo`` (``morphlib.errors.check_int``; never a bool)."""
+        for name in names:
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo))
+
+
+def int_tuple(name: str, value, lo: int = 1) -> tuple[int, ...]:
+    """A sorted tuple of distinct integers >= ``lo`` from a list, a tuple, one integer or their JSON text
+    (papermill passes lists as strings); a one-line error otherwise, or when it is empty."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise MorphError(f"{name} must be a list of integers, got {value!r}") from None
+    items = [value] if hasattr(value, "__index__") and not hasattr(value, "__len__") else value
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise MorphError(f"{name} must be a list of integers, got {value!r}")
+    out = tuple(sorted({check_int(name, v, lo) for v in items}))
+    if not out:
+        raise MorphError(f"{name} must hold at least one integer, got {value!r}")
+    return out
 
 
 def is_published(cfg) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params
 from morphlib.errors import MorphError
 from morphlib.shapes import shape_config
 from morphlib.workloads.kvcache import (CARDS, GIB, busiest_window, capacity_table, kv_bytes_per_token, kv_demand,
@@ -30,8 +30,7 @@ DEFAULTS = {"gpu": dict(step_s=0.1, poisson_trials=1000), "cpu": dict(step_s=0.5
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     model: str = "llama-2-7b"  # model SHAPE for the KV arithmetic (MorphServe's Llama-2-7B; weights are not loaded)
     traces_dir: str | None = None  # folder with the trace CSVs; None: $MORPHLIB_TRACES, else the package's copies
     rate_divisor: float = 4.75  # MorphServe divides the Azure arrival rate by 4.75
@@ -53,19 +52,12 @@ class Config:
             raise MorphError(f"swap_counts must hold 0 (the baseline) and at least one other count, no duplicates; "
                              f"got {counts!r}")
         object.__setattr__(self, "swap_counts", counts)
-        for name in ("block_size", "group_size", "poisson_trials"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise MorphError(f"{name} must be a positive integer, got {v!r}")
+        self.check_counts("block_size", "group_size", "poisson_trials")
         for name in ("rate_divisor", "window_s", "step_s"):
             if not getattr(self, name) > 0:
                 raise MorphError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.reserve_gib >= 0:
             raise MorphError(f"reserve_gib must be zero or more, got {self.reserve_gib!r}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def run(cfg: Config) -> Result:

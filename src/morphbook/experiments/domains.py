@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params
 from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import domain_windows, make_windows
@@ -41,8 +39,7 @@ DEFAULTS = {"gpu": dict(extra_heldout_windows=32, cross_calib_windows=16),
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     extra_heldout: tuple[str, ...] = ("email-2002",)  # held-out domains beyond chapter 2's two
     extra_heldout_windows: int = 32  # windows per extra domain
     cross_calibration: tuple[str, ...] = (PRIMARY_CALIBRATION, "moby-dick", "email-2002")  # () turns it off
@@ -51,31 +48,17 @@ class Config:
     def __post_init__(self):
         object.__setattr__(self, "extra_heldout", tuple(self.extra_heldout))
         object.__setattr__(self, "cross_calibration", tuple(self.cross_calibration))
-        for name in ("extra_heldout_windows", "cross_calib_windows"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise MorphError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
+        self.check_counts("extra_heldout_windows", "cross_calib_windows")
 
 
-def _chapter2(results_root) -> tuple[dict, dict, dict, dict]:
-    """Chapter 2's summary, sets, per-window NLL and windows (a one-line error when they are not there)."""
-    folder = Path(results_root) / "strategies"
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        files = {name: json.loads((folder / name).read_text()) for name in ("sets.json", "window_nll.json", "windows.json")}
-    except (OSError, ValueError) as exc:
-        raise MorphError(f"chapter 2's results are needed first ({folder}: {exc.__class__.__name__}); run chapter 2") from None
-    return summary, files["sets.json"], files["window_nll.json"], files["windows.json"]
-
-
-def run(cfg: Config, results_root: str | os.PathLike = "results") -> Result:
-    summary, sets_json, nll_json, windows = _chapter2(results_root)
-    p = summary["provenance"]["params"]
+def run(cfg: Config, inputs: dict) -> Result:
+    """``inputs["strategies"]``: chapter 2's results (``morphbook.publish.inputs``: summary, sets,
+    per-window NLL and windows, their manifest checked)."""
+    ch2 = inputs["strategies"]
+    summary, p = ch2.summary, ch2.params
+    sets_json, nll_json, windows = (ch2.json(name) for name in ("sets.json", "window_nll.json", "windows.json"))
     if p["profile"] != cfg.profile:
-        raise MorphError(f"chapter 2's results in {results_root} are from the {p['profile']!r} profile, "
+        raise MorphError(f"chapter 2's results in {ch2.results_root} are from the {p['profile']!r} profile, "
                          f"not {cfg.profile!r}: run chapter 2 with the same profile first")
     if p.get("texts", "default") != "default" or p.get("calibration_texts") or p.get("heldout_texts"):
         raise MorphError("the per-domain checks need the book's own corpus (chapter 2 ran on other texts)")

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, int_tuple
 from morphlib.engine.bench import run_bench
-from morphlib.errors import MorphError
 
 DEFAULTS = {"gpu": dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64), hf_compiled=True), "cpu": dict(batch_sizes=(1, 2))}
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     ctx: int = 128  # tokens of context per sequence while decode steps are timed
     steps: int = 20
@@ -29,13 +27,7 @@ class Config:
     hf_compiled: bool = False  # also time HF static cache + torch.compile (about a minute of compilation)
 
     def __post_init__(self):
-        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise MorphError(f"batch_sizes must be positive integers, got {list(self.batch_sizes)}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
+        object.__setattr__(self, "batch_sizes", int_tuple("batch_sizes", self.batch_sizes))
 
 
 def run(cfg: Config) -> Result:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, int_tuple
 from morphlib.errors import MorphError
 from morphlib.quant.bench import MODELS, ROWS, run_bench
 
@@ -18,8 +18,7 @@ DEFAULTS = {"gpu": dict(models=MODELS, rows=ROWS), "cpu": dict(models=("smollm2-
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     models: tuple[str, ...] = MODELS  # shapes of morphlib.shapes.SHAPES whose linears are timed
     rows: tuple[int, ...] = ROWS
     group_size: int = 64
@@ -27,15 +26,9 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
-        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
-        if not self.rows or min(self.rows) < 1:
-            raise MorphError(f"rows must be positive integers, got {list(self.rows)}")
+        object.__setattr__(self, "rows", int_tuple("rows", self.rows))
         if self.mode not in ("fast", "exact"):
             raise MorphError(f"mode must be 'fast' or 'exact', got {self.mode!r}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def run(cfg: Config) -> Result:

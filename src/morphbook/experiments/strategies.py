@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from morphbook.experiments.base import Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, int_tuple
 from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous, verdict_middle
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows, resolve_texts
@@ -34,23 +34,8 @@ DEFAULTS = {
 }
 
 
-def _ints(value, name: str) -> tuple[int, ...]:
-    """A tuple of positive ints from a list/tuple or its JSON text (papermill passes lists as strings)."""
-    import json
-
-    try:
-        items = json.loads(value) if isinstance(value, str) else value
-        out = tuple(int(v) for v in items)
-    except (TypeError, ValueError):
-        raise MorphError(f"{name} must be a list of integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise MorphError(f"{name} must hold positive integers, got {list(out)}")
-    return tuple(sorted(set(out)))
-
-
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     model: str = "smollm2-135m"
     texts: str = "default"  # "default", a .txt file/folder, or "hf:<dataset>"; the domain checks need "default"
     calibration_texts: str | None = None  # your own calibration texts (a .txt file or folder), with heldout_texts
@@ -76,20 +61,14 @@ class Config:
     skip_first_token: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "ks", _ints(self.ks, "ks"))
-        object.__setattr__(self, "seed_protocol_ks", _ints(self.seed_protocol_ks, "seed_protocol_ks"))
-        for name in ("n_random", "calib_windows", "heldout_windows", "window_len", "batch_size", "n_boot", "prompts",
-                     "prompt_len", "new_tokens", "awq_tokens", "awq_grid"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise MorphError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        object.__setattr__(self, "ks", int_tuple("ks", self.ks))
+        object.__setattr__(self, "seed_protocol_ks", int_tuple("seed_protocol_ks", self.seed_protocol_ks))
+        self.check_counts("n_random", "calib_windows", "heldout_windows", "window_len", "batch_size", "n_boot", "prompts",
+                          "prompt_len", "new_tokens", "awq_tokens", "awq_grid")
         if self.prompt_len >= self.window_len:
             raise MorphError(f"prompt_len ({self.prompt_len}) must be shorter than window_len ({self.window_len})")
         QuantConfig(group_size=self.group_size, method=self.quant_method)
         resolve_texts(self.texts, self.calibration_texts, self.heldout_texts)  # both explicit texts or neither
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 def run(cfg: Config) -> Result:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphbook.experiments.base import cpu_threads, Result, Stopwatch, as_params, config_for_profile
+from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, cpu_threads, int_tuple
 from morphlib.errors import MorphError
 from morphlib.models import layer_linears, resolve_device
 from morphlib.quant.int4 import Int4Linear
@@ -208,17 +208,8 @@ class SlabModel:
 
 
 # ----------------------------------------------------------------------------- the experiment
-def _positive_ints(name: str, values, allow_zero: bool = False) -> tuple[int, ...]:
-    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
-    low = 0 if allow_zero else 1
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
-        raise MorphError(f"{name} must be {'non-negative' if allow_zero else 'positive'} integers, got {values!r}")
-    return values
-
-
 @dataclass(frozen=True)
-class Config:
-    profile: str
+class Config(ProfileConfig, defaults=DEFAULTS):
     shapes: tuple[str, ...] = ("tinyllama-1.1b", "llama-2-7b")  # built-in shapes (random weights); headline: the last
     layer_counts: tuple[int, ...] = (1, 2, 4, 8)
     group_size: int = 64  # INT4 group size of the INT4 payload
@@ -234,25 +225,18 @@ class Config:
             raise MorphError("shapes must name at least one model shape")
         for s in shapes:
             shape_config(s)  # a one-line error naming the built-in shapes
-        counts = _positive_ints("layer_counts", self.layer_counts)
-        if len(set(counts)) != len(counts):
-            raise MorphError(f"layer_counts has duplicates: {counts}")
+        counts = int_tuple("layer_counts", self.layer_counts)
         for s in shapes:
             n = shape_config(s)["num_hidden_layers"]
             if max(counts) > n:
                 raise MorphError(f"layer count {max(counts)} is larger than {s}'s {n} layers")
-        _positive_ints("group_size", self.group_size)
-        _positive_ints("repeats", self.repeats)
-        _positive_ints("warmup", self.warmup, allow_zero=True)
+        self.check_counts("group_size", "repeats")
+        self.check_counts("warmup", lo=0)
         object.__setattr__(self, "shapes", shapes)
         object.__setattr__(self, "layer_counts", counts)
-        object.__setattr__(self, "ceiling_mb", _positive_ints("ceiling_mb", self.ceiling_mb))
+        object.__setattr__(self, "ceiling_mb", int_tuple("ceiling_mb", self.ceiling_mb))
         if self.device not in DEVICES:
             raise MorphError(f"device {self.device!r} is not supported: use {', '.join(map(repr, DEVICES))}")
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Config":
-        return config_for_profile(cls, profile, DEFAULTS, overrides)
 
 
 class CopyTimer:

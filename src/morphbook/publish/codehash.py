@@ -1,40 +1,39 @@
-"""A chapter's code hash: its experiment module plus every library module it imports, transitively.
+"""What a saved result's fingerprint covers, and what of it changed since.
 
-The closure starts at the chapter's experiment module (``morphbook.chapters``) and follows every
-``import`` / ``from ... import`` statement — at module level or inside functions — that names a
-module of ``morphlib`` or of ``morphbook.experiments`` (the publishing side, the notebooks and other
-chapters' modules are never part of it, unless the experiment imports them). Each module's source
-is normalised before hashing: docstrings, comment-only lines, blank lines and trailing spaces are
-dropped, so prose edits never stale results while any code change does. The normalisation reads
-line spans only, so the hash is the same under every Python version.
+Every summary records the fingerprint of the code that made it (``morphlib.fingerprint``): one hash
+per function or method that ran, and one per loaded module's skeleton (imports, constants, classes,
+decorated defs). ``python -m morphbook.publish.codehash CHAPTER [--results results]`` lists a result's
+units, module by module, with their state now: ``ok``, ``changed`` or ``gone``, and the counts
+("412 units, 37 modules; 3 changed").
 
-``python -m morphbook.publish.codehash CHAPTER`` lists the modules a chapter's hash covers.
+``imported_modules`` and ``module_file`` read a module's imports statically (the layout tests use them).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
-import hashlib
-import os
 import sys
-from functools import lru_cache
 from pathlib import Path
 
-from morphbook.chapters import NAMES, chapter
+from morphbook.chapters import NAMES
+from morphbook.publish.store import load_summary
+from morphlib import fingerprint
 from morphlib.errors import MorphError, one_line_errors
 
-FOLLOWED = ("morphlib", "morphbook.experiments")
+FOLLOWED = fingerprint.FOLLOWED
 
 
-def source_root() -> Path:
-    """The folder holding the ``morphlib`` and ``morphbook`` packages (``src/`` in a checkout;
-    ``$MORPHBOOK_SRC`` points elsewhere, e.g. a test's copy)."""
-    return Path(os.environ.get("MORPHBOOK_SRC") or Path(__file__).resolve().parents[2])
+def unit_states(fp: dict[str, str]) -> dict[str, str]:
+    """{unit name: "ok" | "changed" | "gone"} for a fingerprint, against the files now (sorted by name)."""
+    moved = set(fingerprint.changed(fp))
+    return {name: ("ok" if name not in moved else "gone" if fingerprint.unit_hash(name) is None else "changed")
+            for name in sorted(fp)}
 
 
 def module_file(dotted: str) -> Path | None:
     """The source file of a dotted module name under the source root (a package's __init__.py), or None."""
-    base = source_root().joinpath(*dotted.split("."))
+    base = fingerprint.source_root().joinpath(*dotted.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -45,31 +44,27 @@ def _followed(name: str) -> bool:
     return any(name == f or name.startswith(f + ".") for f in FOLLOWED)
 
 
-def _parse(path: Path) -> ast.Module:
-    try:
-        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except SyntaxError as exc:
-        raise MorphError(f"cannot hash {path}: syntax error at line {exc.lineno}") from None
-
-
 def imported_modules(dotted: str, path: Path) -> set[str]:
     """Dotted names of the followed modules that ``path`` (module ``dotted``) imports, anywhere in it."""
-    is_pkg = path.name == "__init__.py"
-    package = dotted if is_pkg else dotted.rpartition(".")[0]
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise MorphError(f"cannot read {path}: syntax error at line {exc.lineno}") from None
+    package = dotted if path.name == "__init__.py" else dotted.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(_parse(path)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            found = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
-        for name in names:
+        for name in found:
             if _followed(name) and module_file(name) is not None:
                 out.add(name)
                 # importing a.b.c runs a/__init__ and a/b/__init__ too
@@ -78,64 +73,39 @@ def imported_modules(dotted: str, path: Path) -> set[str]:
     return out
 
 
-def closure(module: str) -> dict[str, Path]:
-    """{dotted name: file} of ``module`` and every followed module it imports, transitively."""
-    if module_file(module) is None:
-        raise MorphError(f"experiment module {module} not found under {source_root()}")
-    parts = module.split(".")
-    todo = [module] + [".".join(parts[:i]) for i in range(1, len(parts)) if _followed(".".join(parts[:i]))]
-    seen: dict[str, Path] = {}
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        path = module_file(name)
-        seen[name] = path
-        todo.extend(imported_modules(name, path) - seen.keys())
-    return dict(sorted(seen.items()))
-
-
-@lru_cache(maxsize=256)
-def _normalised(path: Path, mtime_ns: int) -> str:
-    text = path.read_text(encoding="utf-8")
-    lines = text.replace("\r\n", "\n").split("\n")
-    drop: set[int] = set()
-    for node in ast.walk(_parse(path)):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
-            first = body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                drop.update(range(first.lineno - 1, first.end_lineno))
-    kept = [line.rstrip() for i, line in enumerate(lines) if i not in drop]
-    return "\n".join(line for line in kept if line.strip() and not line.lstrip().startswith("#"))
-
-
-def normalised_source(path: Path) -> str:
-    return _normalised(path, path.stat().st_mtime_ns)
-
-
-def code_hash(chapter_name: str) -> str:
-    """sha256 hex over the chapter's experiment module and its closure (see the module doc)."""
-    h = hashlib.sha256()
-    for name, path in closure(chapter(chapter_name).experiment).items():
-        h.update(f"module\0{name}\0".encode())
-        h.update(normalised_source(path).encode("utf-8") + b"\0")
-    return h.hexdigest()
+def report(chapter_name: str, results_root: str = "results") -> list[str]:
+    """The lines ``main`` prints for one saved result."""
+    summary = load_summary(chapter_name, results_root)
+    if summary is None:
+        return [f"{chapter_name}: no results in {results_root}"]
+    fp = (summary.get("provenance") or {}).get("fingerprint")
+    if not fp:
+        return [f"{chapter_name}: made before per-function fingerprints (code hash "
+                f"{(summary.get('provenance') or {}).get('code_hash', '?')[:16]}): re-run it"]
+    states = unit_states(fp)
+    by_module: dict[str, list[tuple[str, str]]] = {}
+    for name, state in states.items():
+        module, _, unit = name.partition("::")
+        by_module.setdefault(module, []).append((unit, state))
+    units = sum(1 for n in states if not n.endswith(f"::{fingerprint.MODULE}"))
+    bad = {s: sum(1 for v in states.values() if v == s) for s in ("changed", "gone")}
+    tail = "; ".join(f"{n} {s}" for s, n in bad.items() if n) or "all ok"
+    lines = [f"{chapter_name}: {units} units, {len(by_module)} modules; {tail}"]
+    for module, rows in by_module.items():
+        lines.append(f"    {module}")
+        lines += [f"        {state:<8} {unit}" for unit, state in rows]
+    return lines
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m morphbook.publish.codehash",
-                                 description="List the modules a chapter's code hash covers, and the hash.")
+                                 description="List the units a saved result's fingerprint covers, and their state now.")
     ap.add_argument("chapters", nargs="*", default=list(NAMES), help=f"chapter names (default: all: {', '.join(NAMES)})")
+    ap.add_argument("--results", default="results", help="results root (default: results)")
     args = ap.parse_args(argv)
     for name in args.chapters:
-        mods = closure(chapter(name).experiment)
-        print(f"{name}: {code_hash(name)[:16]}  ({len(mods)} modules)")
-        for dotted, path in mods.items():
-            print(f"    {dotted:<40} {len(normalised_source(path).splitlines()):>5} lines")
+        print("\n".join(report(name, args.results)))
     return 0
 
 

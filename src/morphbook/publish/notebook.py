@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
+from morphbook.publish.inputs import call_run, load_inputs
 from morphbook.publish.page import Shown, show
 from morphbook.publish.plotting import setup_altair
 from morphbook.publish.store import save_result
+from morphlib import fingerprint
 from morphlib.errors import install_notebook_handler
 
 
@@ -27,8 +29,14 @@ def given(**params) -> dict:
 
 
 def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "results") -> Shown:
-    """Run the experiment, save its results with provenance, then show the page's results and banner."""
-    result = run(cfg)
-    path = save_result(chapter_name, result, results_root)
-    print(f"{chapter_name}: {cfg.profile} profile, {result.wall_s:.1f} s; results in {path.parent}")
+    """Run the experiment (``run(cfg, inputs)`` when the chapter declares inputs: they are read from
+    ``results_root``), save its results with provenance, then show the page's results and banner.
+
+    The fingerprint is recorded around the run; the kernel imported the experiment earlier, so saving
+    also refuses when the kernel holds code older than the files (restart the kernel and re-run)."""
+    inputs = load_inputs(chapter_name, results_root)
+    with fingerprint.recording() as rec:
+        result = call_run(chapter_name, run, cfg, inputs)
+    saved = save_result(chapter_name, result, results_root, recording=rec, inputs=inputs)
+    print(f"{chapter_name}: {cfg.profile} profile; {saved.describe(result.wall_s)}")
     return show(chapter_name, cfg, results_root)

@@ -1,8 +1,11 @@
-"""Where and how a chapter's numbers were made: git commit, code hash, device, versions, parameters, date, wall time."""
+"""Where and how a chapter's numbers were made: git commit, the fingerprint of the code that ran (and
+its short digest, ``code_hash``), the inputs it read, device, versions, parameters, date, wall time."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import re
@@ -11,7 +14,6 @@ import sys
 from pathlib import Path
 
 from morphbook.chapters import chapter
-from morphbook.publish.codehash import code_hash
 from morphbook.publish.files import to_jsonable
 from morphlib.errors import MorphError
 
@@ -84,9 +86,22 @@ def _device() -> str:
     return "cpu"
 
 
-def provenance(chapter_name: str, params: dict, wall_s: float) -> dict:
-    """The provenance block of a summary (no hostname, no user paths beyond params)."""
+def digest(obj) -> str:
+    """16 hex digits of the sha256 of ``obj`` as sorted JSON (a fingerprint's short form, an input's identity)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def provenance(chapter_name: str, params: dict, wall_s: float, fingerprint: dict[str, str],
+               inputs: dict[str, str] | None = None) -> dict:
+    """The provenance block of a summary (no hostname, no user paths beyond params). ``fingerprint``:
+    the units of the code that ran (``morphlib.fingerprint``); ``inputs``: {chapter it read: identity}."""
     chapter(chapter_name)
+    if not isinstance(fingerprint, dict) or not fingerprint:
+        raise MorphError("a result needs the fingerprint of the code that made it (run it inside fingerprint.recording())")
     if not isinstance(params, dict):
         raise MorphError(f"params must be a dict, got {type(params).__name__}")
     profile = params.get("profile")
@@ -97,11 +112,13 @@ def provenance(chapter_name: str, params: dict, wall_s: float) -> dict:
         "chapter": chapter_name,
         "profile": profile,
         "params": to_jsonable(params),
-        "code_hash": code_hash(chapter_name),
+        "code_hash": digest(fingerprint),
+        "fingerprint": dict(sorted(fingerprint.items())),
+        "inputs": dict(sorted((inputs or {}).items())),
         "git": git_state(),
         "device": device,
         "gpu": gpu_kind(device),
         "versions": _versions(),
         "wall_s": round(float(wall_s), 1),
-        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "date": utc_now(),
     }

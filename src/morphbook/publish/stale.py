@@ -1,27 +1,36 @@
-"""Do the committed results still belong to the code? One line per chapter, and an exit status for CI.
+"""Do the committed results still belong to the code? One line per result, and an exit status for CI.
 
-Per chapter (and benchmark) with results:
+Per chapter (and benchmark) with results, in the results root and in every folder below it that holds
+results of its own (e.g. ``results/families/gemma3-270m/``):
 
-* ``ok`` — the summary's code hash equals the current code's and every detail file matches the
-  sha256 manifest its run recorded;
-* ``STALE`` — the code that made the numbers changed since (the page shows them under a red banner
-  naming the commit that made them); printed, but fails only with ``--strict`` (use it before publishing);
+* ``ok`` — every unit of the code that ran (``morphlib.fingerprint``, recorded in the provenance) has
+  the same hash in the files now, every input it read is the same result, and every detail file
+  matches the sha256 manifest its run recorded;
+* ``STALE`` — a function it ran, a module it loaded (constants, classes, decorated defs such as Triton
+  kernels) or an input changed since: the line names them, e.g. ``STALE:
+  morphlib/quant/int4.py::quantize_groupwise changed since 547228e`` or ``STALE (input strategies re-run
+  since)``; the page shows the numbers under a red banner. Printed; fails only with ``--strict``
+  (use it before publishing);
 * ``MODIFIED`` — a detail file was edited, replaced or deleted after the run: always fails;
-* ``missing`` — no results: fails for a chapter of the book (every page needs numbers), not for a benchmark.
+* ``missing`` — no results: fails for a chapter of the book (every page needs numbers), not for a
+  benchmark nor in a folder below the root.
 
-``python -m morphbook.publish.stale [--results results] [--strict] [--explain]``
+``python -m morphbook.publish.stale [--results results] [--strict] [--explain]`` (``--explain`` lists
+each result's units and their state).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from morphbook.chapters import ALL, chapter
-from morphbook.publish.codehash import closure, code_hash
-from morphbook.publish.store import changed_files, load_summary
+from morphbook.chapters import ALL, NAMES, chapter
+from morphbook.publish.codehash import unit_states
+from morphbook.publish.store import SUMMARY_NAME, changed_files, identity, load_summary, names
 from morphlib.errors import one_line_errors
 
 
@@ -31,35 +40,88 @@ class Status:
     state: str  # "ok", "STALE", "MODIFIED", "missing"
     message: str
     commit: str | None = None  # the commit that made the numbers
+    required: bool = True  # a missing result fails (a book chapter in the results root)
 
     def fails(self, strict: bool = False) -> bool:
         if self.state == "MODIFIED":
             return True
         if self.state == "missing":
-            return chapter(self.chapter).number is not None
+            return self.required and chapter(self.chapter).number is not None
         return strict and self.state == "STALE"
 
 
-def _commit(summary: dict) -> str:
-    git = (summary.get("provenance") or {}).get("git") or {}
+def _short(git: dict | None) -> str:
+    git = git or {}
     return (git.get("commit") or "unknown")[:7] + ("+dirty" if git.get("dirty") else "")
+
+
+def _verified_at(prov: dict) -> str:
+    """The commit whose code the fingerprint is of: the last re-verification's, else the run's."""
+    again = prov.get("reverified") or []
+    return again[-1]["commit"] if again else _short(prov.get("git"))
+
+
+def _stale_inputs(prov: dict, chapter_name: str, results_root) -> list[str]:
+    recorded = prov.get("inputs") or {}
+    out = []
+    for name in chapter(chapter_name).uses:
+        now = load_summary(name, results_root)
+        if name not in recorded or now is None or identity(now) != recorded[name]:
+            out.append(name)
+    return out
 
 
 def status(chapter_name: str, summary: dict | None, results_root: str | os.PathLike = "results") -> Status:
     """The state of one chapter's results in ``results_root`` (``summary``: its loaded summary.json, or None)."""
     if summary is None:
         return Status(chapter_name, "missing", "missing (no results)")
-    commit = _commit(summary)
+    prov = summary.get("provenance") or {}
+    commit = _short(prov.get("git"))
     if changed := changed_files(chapter_name, summary, results_root):
         return Status(chapter_name, "MODIFIED", f"MODIFIED (differs from the run's manifest: {', '.join(changed)})", commit)
-    recorded = (summary.get("provenance") or {}).get("code_hash")
-    if recorded != code_hash(chapter_name):
-        return Status(chapter_name, "STALE", f"STALE (code changed since the results were made at {commit})", commit)
-    return Status(chapter_name, "ok", "ok", commit)
+    if not prov.get("fingerprint"):
+        return Status(chapter_name, "STALE", f"STALE (made before per-function fingerprints, at {commit}: re-run)", commit)
+    states = unit_states(prov["fingerprint"])
+    moved = [f"{n} (gone)" if s == "gone" else n for n, s in states.items() if s != "ok"]
+    inputs = _stale_inputs(prov, chapter_name, results_root)
+    if not moved and not inputs:
+        return Status(chapter_name, "ok", "ok", commit)
+    input_text = f"input {', '.join(inputs)} re-run since"
+    if not moved:
+        return Status(chapter_name, "STALE", f"STALE ({input_text})", commit)
+    message = f"STALE: {names(moved)} changed since {_verified_at(prov)}" + (f"; {input_text}" if inputs else "")
+    return Status(chapter_name, "STALE", message, commit)
+
+
+def result_roots(results_root: str | os.PathLike = "results") -> list[Path]:
+    """The results root, then every folder below it holding a chapter's summary (sorted)."""
+    root = Path(results_root)
+    found = {p.parent.parent for p in root.rglob(SUMMARY_NAME)
+             if p.parent.name in NAMES and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    return [root] + sorted(found - {root})
 
 
 def check(results_root: str | os.PathLike = "results") -> list[Status]:
-    return [status(ch.name, load_summary(ch.name, results_root), results_root) for ch in ALL]
+    """Every chapter's status in the results root; below it, the results each folder holds (named
+    ``families/gemma3-270m/sensitivity``)."""
+    root = Path(results_root)
+    rows = []
+    for where in result_roots(root):
+        label = "" if where == root else where.relative_to(root).as_posix() + "/"
+        for ch in ALL:
+            summary = load_summary(ch.name, where)
+            if summary is None and label:
+                continue
+            row = status(ch.name, summary, where)
+            rows.append(dataclasses.replace(row, chapter=label + ch.name, required=False) if label else row)
+    return rows
+
+
+def _explain(chapter_label: str, results_root: Path) -> list[str]:
+    where, _, name = chapter_label.rpartition("/")
+    summary = load_summary(name, results_root / where)
+    prov = (summary or {}).get("provenance") or {}
+    return [f"{state:<8} {unit}" for unit, state in unit_states(prov.get("fingerprint") or {}).items()]
 
 
 @one_line_errors
@@ -67,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m morphbook.publish.stale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="results", help="results root to check (default: results)")
     ap.add_argument("--strict", action="store_true", help="STALE fails too (use before publishing)")
-    ap.add_argument("--explain", action="store_true", help="also list the modules each chapter's hash covers")
+    ap.add_argument("--explain", action="store_true", help="also list each result's units and their state")
     args = ap.parse_args(argv)
     rows = check(args.results)
     width = max(len(r.chapter) for r in rows)
     for row in rows:
         print(f"{row.chapter:<{width}}  {row.message}")
         if args.explain:
-            for dotted in closure(chapter(row.chapter).experiment):
-                print(f"{'':<{width}}    + {dotted}")
+            for line in _explain(row.chapter, Path(args.results)):
+                print(f"{'':<{width}}    {line}")
     failed = [r.chapter for r in rows if r.fails(args.strict)]
     if failed:
         print(f"stale check failed: {', '.join(failed)}", file=sys.stderr)
