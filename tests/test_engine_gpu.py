@@ -1,6 +1,8 @@
 """GPU checks of the serving engine (skipped without CUDA): Triton kernels vs the torch reference, top-1
 agreement with HF in bf16, INT4 layers within Int4Linear's tolerance, CUDA graphs vs eager, the memory
-budget. The kernel test also runs on CPU under ``TRITON_INTERPRET=1`` when Triton is installed."""
+budget (enforced, an L4's for Llama-2-7B: the KV blocks chapter 5's arithmetic counts), synchronous
+swaps, the migration copy of a restore. The kernel test also runs on CPU under ``TRITON_INTERPRET=1``
+when Triton is installed."""
 
 import importlib.util
 import os
@@ -135,7 +137,8 @@ def test_gpu_bf16_top1_agreement_and_graphs():
         model, tok = load_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
     else:
         model = synthetic_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
-    llm = LLM(model, EngineConfig(memory_budget=4 << 30, max_num_seqs=32))
+    # HF's forward passes share the process below: the allocator is not capped at the engine's budget
+    llm = LLM(model, EngineConfig(memory_budget=4 << 30, max_num_seqs=32, enforce_budget=False))
     sets = {"random tokens": random_prompts(llm.spec.vocab)}
     texts = text_prompts(tok) if tok is not None else None
     if texts is not None:
@@ -189,3 +192,71 @@ def test_gpu_int4_layers_within_int4linear_tolerance_and_swap_during_decode():
     assert llm.int4_layers == []
     rep = llm.memory_report()
     assert rep["allocated_peak"] <= rep["budget"], rep
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_budget_of_an_l4_is_enforced_and_matches_the_arithmetic():
+    """Llama-2-7B (random weights) in an L4's budget, with the engine benchmark's batch limits: construction
+    (the engine quantizes every layer on the device) and serving stay inside it, the allocator is capped
+    at it, and the main pool has the KV blocks of chapter 5's arithmetic (1 GiB stated reserve) within 2 %."""
+    from morphlib.cards import get_card
+    from morphlib.engine import LLM, EngineConfig, SamplingParams
+    from morphlib.workloads.kvcache import CARDS, kv_capacity
+
+    llm = LLM("shape:llama-2-7b", EngineConfig(card="L4", max_num_seqs=64, max_num_batched_tokens=2048,
+                                               restorable=(15,)))
+    rep = llm.memory_report()
+    assert rep["budget"] == get_card("L4").budget_bytes and rep["enforced_limit"] is not None
+    assert rep["peak_over_budget_bytes"] <= 0, rep
+    arith = kv_capacity("llama-2-7b", CARDS["L4-24GB"], 0)["blocks"]
+    print(f"L4 budget: engine {rep['kv_main_blocks']} KV blocks, arithmetic {arith}; peak over budget "
+          f"{rep['peak_over_budget_bytes'] / 2**20:.0f} MiB; workspace {rep['workspace_reserved'] / 2**20:.0f} MiB")
+    assert 0.98 <= rep["kv_main_blocks"] / arith <= 1.02
+    llm.generate([list(range(10, 200))] * 8, SamplingParams(max_tokens=16, ignore_eos=True))
+    llm.swap([15], wait=True)
+    llm.restore(wait=True)
+    rep = llm.memory_report()
+    assert rep["peak_over_budget_bytes"] <= 0, rep
+    spare = torch.cuda.get_device_properties(0).total_memory - rep["enforced_limit"]
+    if spare > 2 << 30:  # beyond the cap the allocator refuses, until the engine gives it back
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+        llm.close()
+        x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+        del x
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_sync_swap_commits_at_its_boundary():
+    from morphlib.engine import LLM, EngineConfig, SamplingParams
+
+    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, max_num_seqs=8, swap_mode="sync"))
+    seqs = [llm.add_request(list(range(10 + i, 60 + i)), SamplingParams(max_tokens=30, ignore_eos=True))
+            for i in range(4)]
+    for _ in range(4):
+        llm.step()
+    ops = llm.swap([3, 4])
+    rec = llm.step()
+    assert [op.phase for op in ops] == ["done", "done"] and [op.layer for op in rec.committed] == [3, 4]
+    assert all(op.issue_step == op.commit_step == rec.index for op in ops)
+    assert rec.sync_copy_bytes == 2 * llm.layout.head_bytes and rec.state == (3, 4)
+    while any(s.finished is None for s in seqs):
+        llm.step()
+    assert all(len(s.output) == 30 for s in seqs)
+    llm.restore(wait=True)
+    assert llm.int4_layers == [] and any(r.path == "graph" for r in llm.steps)
+    assert all(op.copy_ms() is not None and op.commit_ms() is not None for op in llm.morph.history)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_restore_migrates_live_kv_blocks_byte_for_byte():
+    from test_engine_props import check_migration_keeps_bytes
+
+    from morphlib.engine import LLM, EngineConfig
+
+    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, kv_blocks=24, max_num_seqs=8,
+                                                 max_model_len=512))
+    check_migration_keeps_bytes(llm)

@@ -12,6 +12,7 @@ of ``random``), on the simulator (no forward passes: fast) and on a CPU engine w
 import random
 
 import pytest
+import torch
 
 from morphlib.engine import LLM, EngineConfig, SamplingParams, Simulator, TableStepTime, VirtualClock
 from morphlib.errors import MorphError
@@ -130,6 +131,48 @@ def test_morph_requests_are_atomic(tiny):
     with pytest.raises(MorphError, match="out of range"):
         sim.can_swap([9])
     assert sim.swap([1]) == []  # already INT4: nothing to do
+
+
+def check_migration_keeps_bytes(llm) -> None:
+    """Swap layers 1 and 2; short requests fill the main pool, two long ones land in layer 1's tail; once the
+    short ones have finished, restore layer 1: its live blocks migrate into the freed main blocks at one
+    boundary, and every computed token's K and V are where the rewritten block tables now point."""
+    lay, bs = llm.layout, llm.config.block_size
+    llm.swap([1, 2], wait=True)
+    n_short = lay.main_blocks // 3
+    short = [llm.add_request(list(range(5 + i, 5 + i + 3 * bs - 8)), SamplingParams(max_tokens=2, ignore_eos=True))
+             for i in range(n_short)]
+    long = [llm.add_request(list(range(9 + i, 9 + i + 4 * bs - 20)), SamplingParams(max_tokens=16, ignore_eos=True))
+            for i in range(2)]
+    while any(s.finished is None for s in short):
+        llm.step()
+    tail = set(lay.tail_ids(1))
+    assert all(set(s.block_table) <= tail for s in long), "the long requests should live in layer 1's tail"
+    kv = llm.arena.typed(lay.dtype)
+    elems = lay.block_bytes // lay.elem
+
+    def blocks(seq):
+        n = seq.num_computed
+        return [kv[lay.block_offset(b) // lay.elem:][:elems].view(2 * lay.spec.num_layers, bs, -1)
+                [:, :min(bs, n - j * bs)].clone() for j, b in enumerate(seq.block_table) if j * bs < n]
+
+    before = {s.id: blocks(s) for s in long}
+    live = sum(len(s.block_table) for s in long)
+    (op,) = llm.restore([1])
+    llm.step()  # the boundary migrates, then the step appends one token to each long request
+    assert op.migrated == live and not tail & {b for s in long for b in s.block_table}
+    for s in long:
+        for j, (old, new) in enumerate(zip(before[s.id], blocks(s))):
+            assert torch.equal(old, new[:, :old.shape[1]]), f"request {s.id} block {j} lost its bytes"
+    llm.bm.check({s.id: s.block_table for s in llm.scheduler.running})
+    while any(s.finished is None for s in long):
+        llm.step()
+    assert llm.int4_layers == [2] and all(len(s.output) == 16 for s in long)
+
+
+def test_restore_migration_copy_keeps_bytes(tiny):
+    check_migration_keeps_bytes(LLM(tiny, EngineConfig(kv_blocks=12, max_model_len=128, max_num_seqs=8,
+                                                       max_num_batched_tokens=512)))
 
 
 @pytest.mark.slow

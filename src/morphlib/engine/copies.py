@@ -207,7 +207,7 @@ class DeviceCopies(SimulatedCopies):
             e.record(compute)
             op.commit_events = (s, e)
             self.slot_ready[op.slot] = e
-            ms = op.copy_ms()
+            ms = None if self.sync else op.copy_ms()  # (side mode: every chunk's event has completed)
             if ms:  # the copies' measured bandwidth paces the next ones
                 self.bandwidth = 0.5 * self.bandwidth + 0.5 * op.copy_bytes / (ms * 1e-3)
         else:

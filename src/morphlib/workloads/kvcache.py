@@ -4,7 +4,8 @@
 * KV blocks are **full-depth**, as in MorphServe and vLLM: one block holds ``block_size`` tokens for
   every layer, so ``block_bytes = block_size * num_layers * per_token_per_layer``.
 * The KV budget of a card is ``utilization * card memory - weights - reserve`` (reserve: activations,
-  CUDA context, fragmentation; a stated assumption, not a measurement).
+  CUDA context, fragmentation; a stated assumption, not a measurement). Card memory and utilization
+  come from ``morphlib.cards`` (the table the serving engine's budgets come from too).
 * Swapping a layer to INT4 frees ``fp16_bytes - int4_bytes`` of that layer (``shape_layer_bytes``);
   each freed range holds ``floor(freed / block_bytes)`` whole blocks (the ranges are not adjacent).
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from morphlib.cards import get_card
 from morphlib.errors import MorphError
 from morphlib.shapes import shape_config, shape_layer_bytes
 
@@ -86,11 +88,17 @@ class Card:
     tpot_s: float = 0.045  # assumed time per output token
 
 
+def _card(key: str, **speed) -> Card:
+    """A card of ``morphlib.cards`` (memory as reported, usable fraction) with assumed serving speeds."""
+    c = get_card(key)
+    return Card(c.name, c.memory_bytes, utilization=c.usable_fraction, **speed)
+
+
 CARDS = {
     # L4: 300 GB/s; a 13.5 GB FP16 7B model -> ~45 ms per decode step (memory roofline).
-    "L4-24GB": Card("NVIDIA L4 24 GB", 24e9, prefill_tokens_per_s=4000.0, tpot_s=0.045),
+    "L4-24GB": _card("L4", prefill_tokens_per_s=4000.0, tpot_s=0.045),
     # H100 SXM 80 GB: 3.35 TB/s -> ~4 ms roofline; ~15 ms with real kernels and batching overhead.
-    "H100-80GB": Card("NVIDIA H100 80 GB", 80e9, prefill_tokens_per_s=20000.0, tpot_s=0.015),
+    "H100-80GB": _card("H100-80GB", prefill_tokens_per_s=20000.0, tpot_s=0.015),
 }
 
 

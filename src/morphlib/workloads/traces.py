@@ -21,6 +21,7 @@ CC-BY-4.0, ~1 MB) ship with the package in ``morphlib/data/traces``; a parameter
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,33 @@ class Trace:
             raise MorphError(f"rate scale factor must be positive, got {factor}")
         return Trace(f"{self.name} (rate/{factor:g})", self.format, self.arrival_s * factor, self.context_tokens,
                      self.generated_tokens, self.start, self.dropped, list(self.warnings))
+
+    def window(self, start_s: float, length_s: float) -> "Trace":
+        """The requests arriving in [start_s, start_s + length_s), their times counted from ``start_s`` (a quiet
+        start of the window stays quiet); a one-line error when the window holds no request."""
+        for name, v in (("start_s", start_s), ("length_s", length_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                raise MorphError(f"Trace.window: {name} must be a number of seconds, got {v!r}")
+        if start_s < 0 or not length_s > 0:
+            raise MorphError(f"Trace.window: needs start_s >= 0 and length_s > 0, got {start_s!r}, {length_s!r}")
+        keep = (self.arrival_s >= start_s) & (self.arrival_s < start_s + length_s)
+        if not keep.any():
+            raise MorphError(f"Trace.window: no request of {self.name} arrives in [{start_s:g}, "
+                             f"{start_s + length_s:g}) s (the trace spans {self.span_s:g} s)")
+        return dataclasses.replace(self, name=f"{self.name} [{start_s:g}, {start_s + length_s:g}) s",
+                                   arrival_s=self.arrival_s[keep] - start_s, context_tokens=self.context_tokens[keep],
+                                   generated_tokens=self.generated_tokens[keep], warnings=list(self.warnings))
+
+    def scaled(self, rate: float) -> "Trace":
+        """The same requests with arrival times compressed or stretched so that the mean rate
+        (``mean_rate``, (n - 1) / span) is ``rate`` requests per second; labelled with the rate."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0:
+            raise MorphError(f"Trace.scaled: rate must be a positive number of requests per second, got {rate!r}")
+        if not self.span_s > 0:
+            raise MorphError(f"Trace.scaled: {self.name} has no mean rate to scale (its {len(self)} request(s) "
+                             "arrive at one time)")
+        return dataclasses.replace(self, name=f"{self.name} @ {rate:g} req/s",
+                                   arrival_s=self.arrival_s * (self.mean_rate / rate), warnings=list(self.warnings))
 
 
 # ----------------------------------------------------------------------------- locating traces
