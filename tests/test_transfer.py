@@ -101,6 +101,8 @@ def test_tiny_cpu_run():
     assert h["valid"] is True and h["copies_bitwise_exact"] is True and h["targets_judged"] is False
     assert h["copy_bw_under_decode_vs_isolated"]["met"] is None  # targets are judged on a GPU only
     assert h["swap_to_use_ms"]["value"] > 0 and h["int4_layer_copy_ms"]["n"] == 4
+    chosen = h["chosen_copy_setting"] or {"chunk_bytes": 64 << 10, "pace": "0.5"}  # the default when none qualifies
+    assert f"{chosen['chunk_bytes'] // 1024} KiB chunks, pace {chosen['pace']}" in h["swap_to_use_ms"]["label"]
     ops = res.files["engine_ops.json"]
     assert {(o["to"], o["layers"], o["chunk_bytes"]) for o in ops} == {
         (t, k, c) for t in ("int4", "fp16") for c, ks in ((16 << 10, (1,)), (64 << 10, (1, 2))) for k in ks}

@@ -512,11 +512,13 @@ def headline(engine: str, op_stats: list[dict], group_stats: list[dict], raw_row
     raw = {(r["shape"], r["payload"], r["packing"], r["memory"], r["layers"]): r for r in raw_rows}
     grp = {(r["shape"], r["to"], r["layers"], r["chunk_bytes"]): r for r in group_stats}
     chosen = choose_setting(cont)
-    at = chosen or {"chunk_bytes": cfg.engine_chunk_bytes, "pace": pace_label(EngineConfig().copy_pace)}
+    default = EngineConfig().copy_pace
+    at = chosen or {"chunk_bytes": cfg.engine_chunk_bytes,
+                    "pace": pace_label(default if default in cfg.paces else cfg.paces[0])}
     mine = [r for r in cont if (r["chunk_bytes"], r["pace"]) == (at["chunk_bytes"], at["pace"])]
     worst = lambda key, fn: fn([r[key] for r in mine if r[key] is not None], default=None)  # noqa: E731
     where = (f"{at['chunk_bytes'] // 1024} KiB chunks, pace {at['pace']}"
-             + ("" if chosen else " (the engine's default: no setting met both targets)"))
+             + ("" if chosen else " (the engine's default chunk size: no setting met both targets)"))
     bw, slow, use = worst("bw_vs_isolated", min), worst("slowdown", max), worst("swap_to_use_ms", max)
     ec, k1, kmax = cfg.engine_chunk_bytes, 1, max(cfg.layer_counts)
     swap1, rest1 = op[(shape, "int4", k1, ec)], op[(shape, "fp16", k1, ec)]
