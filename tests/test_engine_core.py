@@ -134,3 +134,15 @@ def test_simulator_needs_a_size_and_a_model(tiny):
         TableStepTime({0: 0.1})
     sim = Simulator("shape:llama-2-7b", EngineConfig(card="L4", dtype="bfloat16"), TABLE, workspace_bytes=1 << 30)
     assert sim.layout.main_blocks > 800
+
+
+def test_replay_warmup_and_scaled_window(tiny):
+    sim = Simulator(tiny, EngineConfig(**CFG), TABLE)
+    trace = bursty_trace(40).window(0.05, 0.5).scaled(50.0)
+    res = sim.replay(trace, warmup=3, precapture=[1, 2])
+    assert res.warmup == 3 and len(res.outputs) == len(trace) and trace.name in res.trace
+    assert [o.request_id for o in res.outputs] == list(range(3, 3 + len(trace)))  # the warm-up requests came first
+    assert res.steps[0].index > 0 and all(o.arrival >= res.steps[0].start for o in res.outputs)
+    for bad in (dict(warmup=-1), dict(idle_tick_s=0), dict(time_scale=0)):
+        with pytest.raises(MorphError):
+            sim.replay(trace, **bad)

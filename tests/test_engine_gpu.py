@@ -163,7 +163,8 @@ def test_gpu_int4_layers_within_int4linear_tolerance_and_swap_during_decode():
     from morphlib.engine.loader import linear_weight
     from morphlib.quant.int4 import Int4Linear
 
-    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, max_num_seqs=8))
+    # the test's own tensors share the device: the allocator is not capped at the engine's budget
+    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, max_num_seqs=8, enforce_budget=False))
     lay = llm.layout
     layer = 7
     llm.swap([layer], wait=True)
@@ -257,6 +258,6 @@ def test_gpu_restore_migrates_live_kv_blocks_byte_for_byte():
 
     from morphlib.engine import LLM, EngineConfig
 
-    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, kv_blocks=24, max_num_seqs=8,
+    llm = LLM("shape:smollm2-135m", EngineConfig(memory_budget=2 << 30, kv_blocks=24, max_num_seqs=16,
                                                  max_model_len=512))
     check_migration_keeps_bytes(llm)

@@ -18,10 +18,12 @@ from morphlib.engine.records import StepInfo, StepRecord
 from morphlib.engine.sequence import RequestOutput, Sequence, Status
 from morphlib.errors import MorphError
 
+NO_PHASES = (0.0, 0.0, 0.0)  # an executor step without device work: no prepare, launch or sync
+
 
 class Engine:
     """Subclasses set ``config``, ``spec``, ``name``, ``max_model_len`` (and ``tokenizer``), call
-    ``_attach(core, clock)`` and implement ``_execute(plan) -> (tokens, path, info)``."""
+    ``_attach(core, clock)`` and implement ``_execute(plan)``."""
 
     controller = None
     tokenizer = None
@@ -116,18 +118,19 @@ class Engine:
         h0 = time.perf_counter()
         plan = core.step(now)
         h1 = time.perf_counter()
-        tokens, path, info = self._execute(plan)
+        tokens, path, gpu_ms, capture_s, (prepare, launch, sync) = self._execute(plan)
         t_end = clock.step_end(plan)
         h2 = time.perf_counter()
-        rec = core.complete(plan, t_end, tokens, path=path, gpu_ms=info.get("gpu_ms"),
-                            capture_s=info.get("capture_s", 0.0))
-        rec.host_ms = {"schedule": 1e3 * (h1 - h0), **info.get("host_ms", {}),
-                       "bookkeeping": 1e3 * (time.perf_counter() - h2)}
+        rec = core.complete(plan, t_end, tokens, path=path, gpu_ms=gpu_ms, capture_s=capture_s)
+        rec.host_ms = {"schedule": 1e3 * (h1 - h0), "prepare": 1e3 * prepare, "launch": 1e3 * launch,
+                       "sync": 1e3 * sync, "bookkeeping": 1e3 * (time.perf_counter() - h2)}
         for hook in self.on_step:
             hook(rec)
         return rec
 
     def _execute(self, plan):
+        """Run ``plan.batch`` (sending the side copies once launched: ``core.pump``) -> (tokens aligned with
+        ``plan.sampled``, path, device ms or None, capture seconds, host seconds (prepare, launch, sync))."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ morphing

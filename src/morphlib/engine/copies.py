@@ -33,6 +33,8 @@ import time
 
 import torch
 
+POLL_S = 2e-4  # how soon an idle replay looks again at copies in flight on CUDA
+
 
 class SimulatedCopies:
     """Timing and chunk bookkeeping without bytes (and the base of the device backend)."""
@@ -215,7 +217,9 @@ class DeviceCopies(SimulatedCopies):
         return self.sync or not op.events or op.events[-1][1].query()
 
     def next_landing(self, now: float) -> float:
-        return now if self.cuda else super().next_landing(now)
+        if self.cuda:  # not modelled: poll the events again shortly
+            return now + POLL_S if self.inflight else now
+        return super().next_landing(now)
 
     def finish(self, now: float) -> float:
         t = super().finish(now)

@@ -11,7 +11,7 @@ virtual clock: the same decisions, block tables and morph commits for the same i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from morphlib.engine.block_manager import BlockManager
 from morphlib.engine.config import EngineConfig, SamplingParams
@@ -22,6 +22,7 @@ from morphlib.engine.scheduler import Scheduler
 from morphlib.engine.sequence import Sequence
 
 FIRST_STEP_S = 0.005  # the "last step time" copies are paced against before any step has run
+NONE = ()  # no morph op committed (shared: records are many, and every object in them costs the GC)
 
 
 @dataclass(slots=True)
@@ -32,7 +33,7 @@ class StepPlan:
     start: float
     batch: list  # [(Sequence, tokens)]
     sampled: list  # the sequences whose chunk reaches their end (they sample a token), in batch order
-    committed: list  # MorphOps committed at this boundary
+    committed: list | tuple  # MorphOps committed at this boundary
     compute: frozenset  # layers that compute in INT4 during the step
     state: tuple  # swapped layers
     num_tokens: int = 0
@@ -46,7 +47,6 @@ class StepPlan:
     copy_in_flight: bool = False
     preempted: int = 0
     admitted: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -90,7 +90,7 @@ class EngineCore:
         sch, bm = self.scheduler, self.bm
         oldest = min((s.arrival for s in sch.waiting), default=now)
         return StepInfo(self.num_steps, now, bm.num_used, bm.capacity, bm.num_free, len(sch.waiting),
-                        len(sch.running), now - oldest, tuple(sorted(self.morph.order)),
+                        len(sch.running), now - oldest, self.morph.swapped,
                         tuple((op.layer, op.to, op.phase) for op in self.morph.pending), sch.num_preemptions)
 
     # ------------------------------------------------------------------ the step
@@ -99,10 +99,10 @@ class EngineCore:
         sch, morph, copies = self.scheduler, self.morph, self.copies
         sch.begin_boundary()
         sent0 = copies.sent_bytes
-        committed = morph.advance(sch, now, self.num_steps) if morph.busy else []
+        committed = (morph.advance(sch, now, self.num_steps) or NONE) if morph.busy else NONE
         sync_bytes = copies.sent_bytes - sent0
         batch = sch.schedule()
-        plan = StepPlan(self.num_steps, now, batch, [], committed, morph.compute, tuple(sorted(morph.order)),
+        plan = StepPlan(self.num_steps, now, batch, [], committed, morph.compute, morph.swapped,
                         sync_copy_bytes=sync_bytes, copy_bytes=sync_bytes, copy_in_flight=bool(copies.inflight),
                         preempted=len(sch.preempted), admitted=len(sch.admitted))
         tokens = decode = ctx = 0
@@ -156,7 +156,8 @@ class EngineCore:
                          plan.state, bm.num_used, bm.capacity, len(sch.waiting), len(sch.running), plan.committed,
                          gpu_ms, plan.prefill_tokens, plan.decode_seqs, plan.context_sum, plan.bucket,
                          plan.copy_bytes, plan.sync_copy_bytes, plan.copy_in_flight, capture_s, None,
-                         plan.preempted, plan.admitted, finished, tuple((s.id, n) for s, n in batch))
+                         plan.preempted, plan.admitted, finished, tuple([s.id for s, _ in batch]),
+                         tuple([n for _, n in batch]))
         self.num_steps += 1
         if self.record_steps:
             self.steps.append(rec)

@@ -36,7 +36,7 @@ import torch
 from morphlib.cards import get_card
 from morphlib.device import resolve_device
 from morphlib.engine import loader, workspace
-from morphlib.engine.base import Engine
+from morphlib.engine.base import NO_PHASES, Engine
 from morphlib.engine.clock import WallClock
 from morphlib.engine.config import EngineConfig
 from morphlib.engine.copies import DeviceCopies
@@ -232,12 +232,12 @@ class LLM(Engine):
             model.int4_layers = plan.compute
         if not plan.batch:
             self.core.pump(plan)
-            return [], "idle", {}
+            return [], "idle", None, 0.0, NO_PHASES
         runner.on_launch = (lambda: self.core.pump(plan)) if plan.copy_budget else None
         _, tokens, path = runner.run(plan.batch, plan.decode_seqs == len(plan.batch))
         runner.on_launch = None
-        return tokens, path, {"gpu_ms": runner.last_gpu_ms if runner.time_gpu else None,
-                              "capture_s": runner.last_capture_s, "host_ms": runner.last_host_ms}
+        return (tokens, path, runner.last_gpu_ms if runner.time_gpu else None, runner.last_capture_s,
+                runner.last_phases_s)
 
     # ------------------------------------------------------------------ info
     def memory_report(self) -> dict:

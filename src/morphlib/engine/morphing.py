@@ -115,6 +115,7 @@ class MorphPlanner:
         self.slot_free = list(range(layout.staging_slots))
         self.order: list[int] = []  # swapped layers in the order they were committed
         self.compute: frozenset = frozenset()  # layers that compute in INT4 (the graphs' key)
+        self.swapped: tuple = ()  # sorted(order), kept for the step records
 
     # ------------------------------------------------------------------ state
     def state(self, layer: int) -> str:
@@ -225,6 +226,7 @@ class MorphPlanner:
         else:
             self.order.remove(op.layer)
             self.compute = self.compute - {op.layer}
+        self.swapped = tuple(sorted(self.order))
         op.phase, op.committed, op.commit_step = "done", now, step
         self.pending.remove(op)
         self.history.append(op)

@@ -29,7 +29,7 @@ class StepRecord:
     kv_capacity: int
     waiting: int
     running: int
-    committed: list = field(default_factory=list)  # MorphOps committed at this step's boundary
+    committed: list | tuple = ()  # MorphOps committed at this step's boundary
     gpu_ms: float | None = None  # device time of the step (when ``llm.runner.time_gpu``)
     prefill_tokens: int = 0
     decode_seqs: int = 0
@@ -43,11 +43,17 @@ class StepRecord:
     preempted: int = 0
     admitted: int = 0
     finished: int = 0
-    batch: tuple = ()  # (sequence id, tokens) per scheduled sequence
+    seq_ids: tuple = ()  # the scheduled sequences, in batch order
+    seq_tokens: tuple = ()  # and the tokens each fed (flat tuples: few objects per record for the GC)
 
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    @property
+    def batch(self) -> tuple:
+        """(sequence id, tokens) per scheduled sequence."""
+        return tuple(zip(self.seq_ids, self.seq_tokens))
 
 
 @dataclass

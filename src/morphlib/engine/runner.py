@@ -9,7 +9,7 @@ A swap changes the state; when the controller swaps in a fixed order the states 
 layers) and ``precapture`` can build them ahead. Padding rows have no KV slot (-1) and context 0.
 Everything else (prefill chunks, mixed steps, CPU) runs eagerly.
 
-Each run leaves its host time by phase in ``last_host_ms`` (prepare: inputs; launch: device work
+Each run leaves its host seconds by phase in ``last_phases_s`` (prepare: inputs; launch: device work
 enqueued; sync: waiting for the device and sampling) and the seconds of any graph it had to capture
 first in ``last_capture_s``.
 """
@@ -46,7 +46,7 @@ class Runner:
         self.on_launch = None  # called once a step's device work is enqueued, before the host waits for it
         self.time_gpu = False  # CUDA events around each step's device work (``last_gpu_ms``)
         self.last_gpu_ms: float | None = None
-        self.last_host_ms: dict = {}
+        self.last_phases_s = (0.0, 0.0, 0.0)  # host seconds: prepare, launch, sync
         self.last_capture_s = 0.0
         self._ev = None
         self._t = [0.0, 0.0, 0.0]  # host times: start, inputs ready, launched
@@ -121,8 +121,7 @@ class Runner:
             self._ev[1].synchronize()
             self.last_gpu_ms = self._ev[0].elapsed_time(self._ev[1])
         end = time.perf_counter()
-        self.last_host_ms = {"prepare": 1e3 * (t[1] - t[0] - self.last_capture_s), "launch": 1e3 * (t[2] - t[1]),
-                             "sync": 1e3 * (end - t[2])}
+        self.last_phases_s = (t[1] - t[0] - self.last_capture_s, t[2] - t[1], end - t[2])
         return out
 
     def _mark(self) -> None:

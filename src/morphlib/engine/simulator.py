@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from morphlib.device import resolve_device
-from morphlib.engine.base import Engine
+from morphlib.engine.base import NO_PHASES, Engine
 from morphlib.engine.clock import VirtualClock
 from morphlib.engine.config import EngineConfig
 from morphlib.engine.copies import SimulatedCopies
@@ -79,5 +79,5 @@ class Simulator(Engine):
     def _execute(self, plan):
         self.core.pump(plan)
         if not plan.batch:
-            return [], "idle", {}
-        return [0] * len(plan.sampled), "graph" if plan.bucket is not None else "eager", {}
+            return [], "idle", None, 0.0, NO_PHASES
+        return [0] * len(plan.sampled), "graph" if plan.bucket is not None else "eager", None, 0.0, NO_PHASES
