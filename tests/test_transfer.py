@@ -101,8 +101,11 @@ def test_tiny_cpu_run():
     assert h["valid"] is True and h["copies_bitwise_exact"] is True and h["targets_judged"] is False
     assert h["copy_bw_under_decode_vs_isolated"]["met"] is None  # targets are judged on a GPU only
     assert h["swap_to_use_ms"]["value"] > 0 and h["int4_layer_copy_ms"]["n"] == 4
-    chosen = h["chosen_copy_setting"] or {"chunk_bytes": 64 << 10, "pace": "0.5"}  # the default when none qualifies
-    assert f"{chosen['chunk_bytes'] // 1024} KiB chunks, pace {chosen['pace']}" in h["swap_to_use_ms"]["label"]
+    chosen = h["chosen_copy_setting"] or {"chunk_bytes": 64 << 10, "pace": "0.5"}  # read when none qualifies
+    assert [tr.setting_text(1 << 20, "0.8"), tr.setting_text(64 << 10, "unpaced")] == ["1 MiB chunks, pace 0.8",
+                                                                                     "64 KiB chunks, unpaced"]
+    assert tr.setting_text(chosen["chunk_bytes"], chosen["pace"]) in h["swap_to_use_ms"]["label"]
+    assert h["copy_setting_read"]["chosen"] == (h["chosen_copy_setting"] is not None)
     ops = res.files["engine_ops.json"]
     assert {(o["to"], o["layers"], o["chunk_bytes"]) for o in ops} == {
         (t, k, c) for t in ("int4", "fp16") for c, ks in ((16 << 10, (1,)), (64 << 10, (1, 2))) for k in ks}

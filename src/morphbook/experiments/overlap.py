@@ -341,6 +341,12 @@ def by_label(row: dict) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- headline
+def _stalls(row: dict, label: str) -> dict:
+    """The synchronous and side-stream stalls of one event kind and its isolated copy time (ms)."""
+    e = by_label(row)[label]
+    return {"sync_stall_ms": e["sync_stall_ms"], "side_stall_ms": e["side_stall_ms"], "copy_ms": e["isolated_copy_ms"]}
+
+
 def _fig(value, unit: str, label: str, key: str | None = None, judged: bool = True, **extra) -> dict:
     """A headline figure; with ``key``, its target and whether it was met (None: not judged, because the run is
     invalid or not on a GPU, where the targets apply)."""
@@ -352,7 +358,8 @@ def _fig(value, unit: str, label: str, key: str | None = None, judged: bool = Tr
     return out
 
 
-def headline(engine: str, model: str, weights: str, rows: dict[int, dict], block_layers: int, cuda: bool) -> dict:
+def headline(engine: str, model: str, weights: str, rows: dict[int, dict], block_layers: int, cuda: bool,
+             graphs: bool) -> dict:
     """The first model's figures, each at its worst batch (the largest value for an upper target, the furthest
     from 1 for the synchronous control); ``rows``: {batch: analyse(...)}. Targets are judged on a GPU only."""
     valid = all(r["valid"] for r in rows.values())
@@ -374,34 +381,38 @@ def headline(engine: str, model: str, weights: str, rows: dict[int, dict], block
     k_sync = max(dev, key=lambda k: abs(dev[k] - 1)) if dev else None
     ratio = dev[k_sync] if k_sync else None
     match = min(min(r["tokens_match"]) for r in rows.values())
-    host = rows[b_h]["host_ms_per_layer"]
+    host = {to: v if v is not None else float("nan") for to, v in rows[b_h]["host_ms_per_layer"].items()}
     h = {
         "engine": engine, "model": model, "weights": weights, "valid": valid, "invalid_because": problems,
-        "targets_judged": judged,
-        "tpot_ratio_async_swap": _fig(t["mean"], "x", f"Side-stream swaps: TPOT / no swap, mean over rounds (batch {b_t})"),
+        "targets_judged": judged, "cuda_graphs": graphs,
+        "tpot_ratio_async_swap": _fig(t["mean"], "x", f"Side-stream swaps: TPOT / no swap, mean over rounds (batch {b_t})",
+                                      batch=b_t, rounds=t["n"]),
         "tpot_ratio_async_swap_ci95": t["ci95"],
         "tpot_ratio_async_swap_ci95_high": _fig(t["ci95"][1] if t["ci95"] else None, "x",
                                                 f"Upper end of its 95 % interval (batch {b_t})",
                                                 "tpot_ratio_async_swap_ci95_high", judged),
         "p99_itl_ratio_async_swap": _fig(rows[b_p]["p99_itl_ratio_side"], "x",
                                          f"Side-stream swaps: P99 inter-token latency / no swap (batch {b_p})",
-                                         "p99_itl_ratio_async_swap", judged),
+                                         "p99_itl_ratio_async_swap", judged, batch=b_p),
         "boundary_stall_ms": _fig(rows[b_s]["boundary_stall_ms"]["median"], " ms",
                                   f"Side-stream commit step minus its same-state baseline, median (batch {b_s})",
-                                  "boundary_stall_ms", judged, p99=rows[b_s]["boundary_stall_ms"]["p99"]),
-        "host_ms_per_layer": _fig(max(v for v in host.values() if v is not None), " ms",
+                                  "boundary_stall_ms", judged, p99=rows[b_s]["boundary_stall_ms"]["p99"], batch=b_s),
+        "host_ms_per_layer": _fig(max(host.values()), " ms",
                                   f"Host time of one layer's op (issue, sending its chunks, commit), the larger of swap "
                                   f"{host['int4']:.3f} / restore {host['fp16']:.3f} ms (batch {b_h})",
-                                  "host_ms_per_layer", judged),
+                                  "host_ms_per_layer", judged, batch=b_h),
         "swap_latency_ms": _fig(lat[b_l]["latency_ms"], " ms", f"{block_layers}-layer side-stream swap: request to the "
                                 f"end of the first step computing with all of it, median (batch {b_l})",
-                                copy_ms=lat[b_l]["isolated_copy_ms"], copy_plus_two_steps_ms=lat[b_l]["copy_plus_two_steps_ms"]),
+                                copy_ms=lat[b_l]["isolated_copy_ms"], copy_plus_two_steps_ms=lat[b_l]["copy_plus_two_steps_ms"],
+                                batch=b_l),
         "swap_latency_vs_copy_plus_two_steps": _fig(
             None if lat[b_l]["latency_ms"] is None else lat[b_l]["latency_ms"] / lat[b_l]["copy_plus_two_steps_ms"], "x",
             f"That latency / (isolated copy time + 2 steps) (batch {b_l})", "swap_latency_vs_copy_plus_two_steps", judged),
         "sync_stall_vs_copy_ratio": _fig(ratio, "x", "Synchronous control: the stall of a "
                                          f"{block_layers}-layer event / the isolated copy time of its bytes, the furthest "
-                                         f"from 1 ({k_sync[1]} at batch {k_sync[0]})" if k_sync else "Synchronous control"),
+                                         f"from 1 ({k_sync[1]} at batch {k_sync[0]})" if k_sync else "Synchronous control",
+                                         batch=k_sync[0] if k_sync else None, event=k_sync[1] if k_sync else None,
+                                         **(_stalls(rows[k_sync[0]], k_sync[1]) if k_sync else {})),
         "sync_stall_vs_copy_ratio_low": _fig(ratio, "x", "Synchronous control: stall / isolated copy time, lower bound",
                                              "sync_stall_vs_copy_ratio_low", judged),
         "sync_stall_vs_copy_ratio_high": _fig(ratio, "x", "Synchronous control: stall / isolated copy time, upper bound",
@@ -453,7 +464,8 @@ def run(cfg: Config) -> Result:
                 timeline = {"model": name, "batch": b, "round": 0,
                             **{mode: {"steps": runs[b][mode][0]["steps"], "ops": runs[b][mode][0]["ops"]}
                                for mode in ("side", "sync")}}
-                head = headline(sr.engine_text(llm), name, weights, rows, cfg.block_layers, device.type == "cuda")
+                head = headline(sr.engine_text(llm), name, weights, rows, cfg.block_layers, device.type == "cuda",
+                                llm.runner.use_graphs)
             llm.close()
             del llm, runs
             gc.collect()

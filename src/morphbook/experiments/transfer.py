@@ -85,6 +85,16 @@ def pace_label(pace) -> str:
     return "unpaced" if pace is None else f"{pace:g}"
 
 
+def size_text(nbytes: int) -> str:
+    """'16 MiB', '64 KiB'."""
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
+def setting_text(chunk_bytes: int, pace: str) -> str:
+    """'16 MiB chunks, pace 0.8' or '64 MiB chunks, unpaced'."""
+    return f"{size_text(chunk_bytes)} chunks, " + ("unpaced" if pace == "unpaced" else f"pace {pace}")
+
+
 @dataclass(frozen=True)
 class Config(ProfileConfig, defaults=DEFAULTS):
     shapes: tuple[str, ...] = DEFAULTS["gpu"]["shapes"]  # morphlib.shapes names (random weights) or "tiny" (CPU)
@@ -503,7 +513,7 @@ def target(value, cmp: str, goal: float, judged: bool) -> dict:
 
 
 def headline(engine: str, op_stats: list[dict], group_stats: list[dict], raw_rows: list[dict], cont: list[dict],
-             cfg: Config, exact: bool, cuda: bool) -> dict:
+             cfg: Config, exact: bool, cuda: bool, graphs: bool) -> dict:
     shape = cfg.shapes[0]
     valid = all(r["valid"] for r in cont)
     judged = valid and cuda
@@ -517,8 +527,7 @@ def headline(engine: str, op_stats: list[dict], group_stats: list[dict], raw_row
                     "pace": pace_label(default if default in cfg.paces else cfg.paces[0])}
     mine = [r for r in cont if (r["chunk_bytes"], r["pace"]) == (at["chunk_bytes"], at["pace"])]
     worst = lambda key, fn: fn([r[key] for r in mine if r[key] is not None], default=None)  # noqa: E731
-    where = (f"{at['chunk_bytes'] // 1024} KiB chunks, pace {at['pace']}"
-             + ("" if chosen else " (the engine's default chunk size: no setting met both targets)"))
+    where = setting_text(at["chunk_bytes"], at["pace"]) + ("" if chosen else "; no setting met both targets")
     bw, slow, use = worst("bw_vs_isolated", min), worst("slowdown", max), worst("swap_to_use_ms", max)
     ec, k1, kmax = cfg.engine_chunk_bytes, 1, max(cfg.layer_counts)
     swap1, rest1 = op[(shape, "int4", k1, ec)], op[(shape, "fp16", k1, ec)]
@@ -528,6 +537,7 @@ def headline(engine: str, op_stats: list[dict], group_stats: list[dict], raw_row
     smallest = min(cfg.chunk_bytes)
     out = {
         "engine": engine, "shape": shape, "valid": valid, "invalid_because": problems, "targets_judged": judged,
+        "cuda_graphs": graphs, "copy_setting_read": {**at, "chosen": chosen is not None},
         "timer": "CUDA events" if cuda else "host wall clock and host timestamps (CPU: memcpy, no PCIe)",
         "copy_bw_under_decode_vs_isolated": fig(bw, "x", f"Chunk bandwidth of a swap/restore while decoding / on the "
                                                 f"idle engine, worst batch ({where})", **target(bw, ">=", BW_TARGET, judged)),
@@ -537,7 +547,7 @@ def headline(engine: str, op_stats: list[dict], group_stats: list[dict], raw_row
                               f"INT4 with it, worst batch ({where})"),
         "chosen_copy_setting": chosen,
         "int4_layer_copy_ms": fig(swap1["median_ms"], " ms", f"Engine op: one layer's INT4 head, idle engine, "
-                                  f"{ec // 1024} KiB chunks (median span)", p99_ms=swap1["p99_ms"], n=swap1["n"]),
+                                  f"{size_text(ec)} chunks (median span)", p99_ms=swap1["p99_ms"], n=swap1["n"]),
         "fp16_layer_copy_ms": fig(rest1["median_ms"], " ms", f"Engine op: one layer's 16-bit region (a restore), idle "
                                   f"engine (median span)", p99_ms=rest1["p99_ms"], n=rest1["n"]),
         f"swap_{kmax}_layers_ms": fig(grp[(shape, "int4", kmax, ec)]["median_ms"], " ms",
@@ -608,7 +618,7 @@ def run(cfg: Config) -> Result:
                          "lower repeats or condition_s, or drop a shape")
     with Stopwatch() as sw, cpu_threads(device):
         threads = torch.get_num_threads()
-        ops, groups, raw_rows, exact, engine, cont = [], [], [], True, "", None
+        ops, groups, raw_rows, exact, engine, graphs, cont = [], [], [], True, "", False, None
         for si, shape in enumerate(cfg.shapes):
             llm = build_engine(shape, cfg, device, decode=si == 0)
             sw.lap(f"{shape}: engine")
@@ -619,7 +629,7 @@ def run(cfg: Config) -> Result:
             raw_rows, exact = raw_rows + rows, exact and ok
             sw.lap(f"{shape}: raw copies")
             if si == 0:
-                engine = sr.engine_text(llm)
+                engine, graphs = sr.engine_text(llm), llm.runner.use_graphs
                 cont = contention(llm, cfg, isolated_gbs(op_statistics(o), shape))
                 sw.lap(f"{shape}: decode contention")
             llm.close()
@@ -629,7 +639,7 @@ def run(cfg: Config) -> Result:
                 torch.cuda.empty_cache()
         op_stats, group_stats = op_statistics(ops), group_statistics(groups)
     rows, cont_ops, timeline = cont
-    head = headline(engine, op_stats, group_stats, raw_rows, rows, cfg, exact, device.type == "cuda")
+    head = headline(engine, op_stats, group_stats, raw_rows, rows, cfg, exact, device.type == "cuda", graphs)
     head["phase_seconds"] = sw.phases
     files = {"engine_ops.json": op_stats, "engine_groups.json": group_stats, "raw_copies.json": raw_rows,
              "contention.json": rows, "contention_ops.json": cont_ops, "timeline.json": timeline, "plan.json": steps_plan}

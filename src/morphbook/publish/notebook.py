@@ -28,9 +28,11 @@ def given(**params) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "results") -> Shown:
+def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "results",
+                committed_root: str | os.PathLike = "results") -> Shown:
     """Run the experiment (``run(cfg, inputs)`` when the chapter declares inputs: they are read from
-    ``results_root``), save its results with provenance, then show the page's results and banner.
+    ``results_root``), save its results with provenance, then show the page's results and banner
+    (``committed_root``: where the book's committed results are; ``page.pick`` decides which are shown).
 
     The fingerprint is recorded around the run; the kernel imported the experiment earlier, so saving
     also refuses when the kernel holds code older than the files (restart the kernel and re-run)."""
@@ -39,4 +41,4 @@ def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "
         result = call_run(chapter_name, run, cfg, inputs)
     saved = save_result(chapter_name, result, results_root, recording=rec, inputs=inputs)
     print(f"{chapter_name}: {cfg.profile} profile; {saved.describe(result.wall_s)}")
-    return show(chapter_name, cfg, results_root)
+    return show(chapter_name, cfg, results_root, committed_root)
