@@ -23,13 +23,10 @@ device = None             # None: CUDA when available, else the CPU; or "cuda" /
 # %%
 from morphbook.experiments.transfer import Config, run
 from morphbook.publish.notebook import given, run_chapter, setup
-from morphbook.publish.store import load_summary
 
 setup()
 cfg = Config.for_profile(profile, **given(shapes=shapes, device=device))
-earlier = load_summary("transfer")  # committed results made before this chapter ran on the engine cannot be drawn here
-shown = run_chapter("transfer", run, cfg, results_root,
-                    "results" if earlier is None or "engine" in earlier["headline"] else f"{results_root}/none")
+shown = run_chapter("transfer", run, cfg, results_root, needs="engine")  # not old-format results
 
 # %% tags=["remove-cell"]
 import altair as alt

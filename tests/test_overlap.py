@@ -208,3 +208,22 @@ def test_gpu_paths_at_tiny_sizes():
     assert model["isolated"]["int4"]["gbs"] > 1 and h["host_ms_per_layer"]["value"] > 0
     sync_st = [e["sync_stall_ms"] for row in model["batches"].values() for e in row["events"].values()]
     assert sum(x for x in sync_st if x is not None) > 0  # the synchronous copies cost their steps something
+
+
+def test_pages_never_draw_committed_results_of_the_old_format(tmp_path, monkeypatch):
+    """Chapters 3-4 changed their results' format: committed results without the new headline are not drawn
+    (this run's are, labelled as this run's); committed results of the new format are, as the book's."""
+    from morphbook.experiments.base import Result, as_params
+    from morphbook.publish import store
+    from morphbook.publish.notebook import run_chapter
+    from morphlib import fingerprint
+
+    cfg = ov.Config.for_profile("cpu")
+    fresh = tmp_path / "fresh"
+    monkeypatch.chdir(tmp_path)  # the committed results are ./results
+    for headline, drawn in (({"tpot_ms_no_swap": 1.0}, False), ({"engine": "old engine run"}, True)):
+        store.save_result("overlap", Result(as_params(cfg), headline, {}, 1.0), tmp_path / "results",
+                          recording=fingerprint.Recording())
+        shown = run_chapter("overlap", lambda c: Result(as_params(c), {"engine": "this run"}, {}, 1.0), cfg, fresh,
+                            needs="engine")
+        assert shown.committed is drawn and shown.headline["engine"] == ("old engine run" if drawn else "this run")
