@@ -248,7 +248,7 @@ for pace, r in shown.json("timeline.json").items():
         parts += [{"pacing": pace, "start": a, "end": b, "kind": "chunk", "row": f"copy stream ({'swap' if o['to'] == 'int4' else 'restore'})"}
                   for a, b in o["chunks"]]
 alt.Chart(pd.DataFrame(parts)).mark_bar(height=14).encode(
-    x=alt.X("start:Q", title="time since the timed window began (ms)"), x2="end:Q", y=alt.Y("row:N", title=None),
+    x=alt.X("start:Q", title="time since the timed window began (ms)"), x2="end:Q", y=alt.Y("row:N", title="steps and copies"),
     color=alt.Color("kind:N", scale=alt.Scale(**KINDS), title="step or copy"),
     tooltip=["pacing", "kind", "step", alt.Tooltip("ms:Q", format=".3f")]).properties(width=620, height=70).facet(
     row=alt.Row("pacing:N", title="pacing")).resolve_scale(y="independent").properties(

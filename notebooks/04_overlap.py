@@ -206,7 +206,7 @@ for mode in ("side", "sync"):
     parts += [{"run": NAMES[mode], "start": a, "end": b, "kind": "chunk", "row": row, "step": o["layer"]}
               for o in tl[mode]["ops"] for a, b in o["chunks"]]
 alt.Chart(pd.DataFrame(parts)).mark_bar(height=14).encode(
-    x=alt.X("start:Q", title="time since the timed window began (ms)"), x2="end:Q", y=alt.Y("row:N", title=None),
+    x=alt.X("start:Q", title="time since the timed window began (ms)"), x2="end:Q", y=alt.Y("row:N", title="steps and copies"),
     color=alt.Color("kind:N", scale=alt.Scale(**KINDS), title="step or copy"),
     tooltip=["run", "kind", "step", "int4", alt.Tooltip("ms:Q", format=".3f")]).properties(width=640, height=70).facet(
     row=alt.Row("run:N", title="run")).resolve_scale(y="independent").properties(
