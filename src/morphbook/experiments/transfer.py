@@ -204,7 +204,7 @@ def plan(cfg: Config) -> list[dict]:
                 n = len(cfg.chunk_bytes) * len(cfg.paces)
                 rows.append({"shape": shape, "what": f"decode contention, batch {b}: {n} settings x "
                              f"{cfg.decode_steps + cfg.warmup} steps", "repeats": 1,
-                             "seconds": n * ((cfg.decode_steps + cfg.warmup + 2) * step + 0.05)})
+                             "seconds": n * ((cfg.decode_steps + cfg.warmup + 2) * step + 0.15)})
         rows.append({"shape": shape, "what": "engine construction", "repeats": 1, "seconds": ENGINE_BUILD_S})
     rows.append({"shape": "", "what": "process start, imports, CUDA context", "repeats": 1, "seconds": PROCESS_S})
     return rows
