@@ -15,10 +15,10 @@ import torch
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import domain_windows, make_windows, special_prefix, tokenize_text
 from morphlib.eval.metrics import Reference, score, window_nll
-from morphlib.models import (check_family, decoder_layers, layer_linears, lm_head_logits, load_model,
-                             one_pass_exact, synthetic_model)
+from morphlib.models import load_model, synthetic_model
 from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.sanity import check_model
+from morphlib.structure import check_family, decoder_layers, layer_linears, lm_head_logits, one_pass_exact
 
 # ----------------------------------------------------------------------------- SmolLM2: nothing moved
 # Recorded with the code before BOS/sanity/family support (commit c33df86), on the project's CPU machines.
@@ -84,7 +84,7 @@ def test_smollm2_scores_bitwise_unchanged(model, tok):
 
 @pytest.mark.slow
 def test_smollm2_awq_and_layer_passes_bitwise_unchanged(model, tok, rtn_morpher):
-    from morphlib.quant.awq import awq_scales
+    from morphlib.awq import awq_scales
     from morphlib.select.sensitivity import layer_passes
 
     ids = make_windows(tok, "calibration", 4, 64, seed=0).ids
@@ -317,23 +317,6 @@ def test_unsupported_families_are_refused_in_one_line():
     with pytest.raises(MorphError, match="model family 'qwen2_moe'") as exc:
         check_family(moe)
     assert "outside nn.Linear" in _one_line(exc)
-
-
-def test_converted_gguf_cache_key_follows_the_file(tmp_path):
-    import os
-
-    from morphlib.convert import cache_key, hf_folder
-
-    f = tmp_path / "m.gguf"
-    f.write_bytes(b"GGUF" + b"\0" * 60)
-    first = cache_key(f)
-    os.utime(f, ns=(1, 1))
-    assert cache_key(f) != first  # a replaced file is converted again
-    done = tmp_path / "cached" / "hf"
-    done.mkdir(parents=True)
-    (done / "config.json").write_text("{}")
-    (done / ".complete").write_text("{}")
-    assert hf_folder(f, done) == done  # a completed conversion is reused, no reconversion
 
 
 @pytest.mark.parametrize("command", ["layer-costs", "bench", "bench-engine"])

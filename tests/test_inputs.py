@@ -8,7 +8,9 @@ import torch
 
 from morphlib.eval.corpus import make_windows, tokenize_text
 from morphlib.errors import MorphError
+from morphlib.eval.metrics import greedy_tokens, window_nll
 from morphlib.models import load_model, synthetic_model
+from morphlib.morph import QuantConfig
 from morphlib.shapes import SHAPES, shape_layer_bytes
 
 
@@ -32,7 +34,7 @@ def test_cli_bad_group_size():
 
 
 def test_cli_layer_out_of_range():
-    assert_one_line_error(run_cli("layer-costs", "--layers", "3", "30"), "out of range")
+    assert_one_line_error(run_cli("layer-costs", "--layers", "3", "30"), "must be an integer in [0, 29], got 30")
 
 
 def test_cli_empty_text(tmp_path):
@@ -104,3 +106,32 @@ def test_no_cuda_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(MorphError, match="no CUDA GPU"):
         load_model("smollm2-135m", device="cuda")
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    return synthetic_model("smollm2-135m", num_layers=1, device="cpu")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: QuantConfig(method="awq", awq_grid=0), r"AWQ grid must be an integer >= 1, got 0"),
+    (lambda m: QuantConfig(awq_tokens=True), r"AWQ calibration tokens .* got True"),
+    (lambda m: synthetic_model("smollm2-135m", num_layers=0), r"num_layers must be an integer >= 1, got 0"),
+    (lambda m: window_nll(m, torch.zeros(2, 4, dtype=torch.long), 0),
+     r"batch size must be an integer >= 1, got 0"),
+    (lambda m: greedy_tokens(m, torch.zeros(1, 4, dtype=torch.long), 0),
+     r"new_tokens must be an integer >= 1, got 0"),
+    (lambda m: greedy_tokens(m, torch.zeros(4, dtype=torch.long), 2),
+     r"prompts must be token ids \[n, P\]"),
+])
+def test_bad_counts_are_one_line_errors(one_layer, call, match):
+    with pytest.raises(MorphError, match=match) as exc:
+        call(one_layer)
+    assert "\n" not in str(exc.value)
+
+
+def test_greedy_tokens_batches_give_the_tokens_of_one_batch(one_layer):
+    prompts = torch.randint(0, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
+    whole = greedy_tokens(one_layer, prompts, 4)
+    assert whole.shape == (3, 4) and whole.dtype == torch.long
+    assert torch.equal(greedy_tokens(one_layer, prompts, 4, batch_size=1), whole)

@@ -182,7 +182,8 @@ def test_interp_fused_kernels_within_tolerance(interp_kernels, m):
 @pytest.mark.parametrize("n,k,g", [(4096, 4096, 64), (11008, 4096, 128), (576, 1536, 64), (200, 320, 32),
                                    (256, 2048, 256)])
 def test_dequantize_kernel_is_bit_exact(n, k, g):
-    from morphlib.quant import bench, kernels
+    from morphlib.bench import kernels as bench
+    from morphlib.quant import kernels
 
     q, sz, sinv, _ = _buffers(n, k, g, "cuda", seed=n)
     packed = pack(q, "triton")
@@ -198,8 +199,9 @@ def test_dequantize_kernel_is_bit_exact(n, k, g):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(17, 4096), (512, 4096), (8, 512, 576)])
 def test_exact_mode_is_bit_identical_to_the_old_large_batch_path(shape):
-    """The chapters' path: y = F.linear(x, W_bf16) with W dequantized by torch ops from the old tinygemm
-    layout (what main ran above 16 rows). The new layout + Triton dequantize + cuBLAS gives the same bits."""
+    """The chapters' path: y = F.linear(x, W_bf16) with W dequantized by torch ops (what main ran above 16
+    rows, then from the tinygemm layout: unpacking is exact, so the layout does not matter). The triton
+    layout + Triton dequantize + cuBLAS gives the same bits."""
     k = shape[-1]
     n = 1536 if k == 576 else 11008
     torch.manual_seed(sum(shape))
@@ -210,13 +212,29 @@ def test_exact_mode_is_bit_identical_to_the_old_large_batch_path(shape):
         lin = Int4Linear.from_weight(weight, group_size=64, bias=bias, input_scale=input_scale)
         assert lin.layout == "triton"
         x = torch.randn(*shape, device="cuda").to(torch.bfloat16)
-        q = int4.unpack(lin.packed, "triton", n, k)
-        old_w = dequantize_packed(pack(q, "tinygemm"), lin.scale_zero, n=n, k=k, group_size=64, layout="tinygemm",
+        old_w = dequantize_packed(lin.packed, lin.scale_zero, n=n, k=k, group_size=64, layout="triton",
                                   input_scale_inv=lin.input_scale_inv)
         old = F.linear(x.reshape(-1, k), old_w, bias).reshape(*shape[:-1], n)
         assert torch.equal(lin(x), old)
         lin.mode = "exact"
         assert torch.equal(lin(x), old)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(576, 1536), (4096, 4096)])
+def test_tinygemm_yardstick_computes_the_same_linear(n, k):
+    """The kernels bench's tinygemm column times a correct INT4 matmul: its packing hands aten's kernel the
+    weight the library's own layouts hold."""
+    from morphlib.bench.kernels import pack_tinygemm
+
+    q, sz, _, _ = _buffers(n, k, 64, "cuda", seed=n)
+    w = dequantize_packed(pack(q, "triton"), sz, n=n, k=k, group_size=64, layout="triton", dtype=torch.float32)
+    packed = pack_tinygemm(q)
+    for m in (1, 16):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm(x, packed, 64, sz)
+        assert _rel(y, x.double() @ w.double().t()) <= TOL, m
 
 
 TOL_SHAPES = [(200, 640, 64), (576, 576, 64), (4096, 4096, 128), (256, 2048, 32)]
@@ -225,7 +243,7 @@ TOL_ROWS = (1, 2, 3, 8, 16, 33, 64, 200, 256, 512)
 
 def _tolerance_configs(m, n, k, g):
     """Every tuner candidate at g64; a representative few at other group sizes (compile time)."""
-    from morphlib.quant import bench
+    from morphlib.bench import kernels as bench
 
     if g == 64:
         return bench.candidates(m, n, k, g)
@@ -236,7 +254,7 @@ def _tolerance_configs(m, n, k, g):
 
 def variant_keys():
     """Kernel variants these tests launch (the device script precompiles them in parallel)."""
-    from morphlib.quant import bench
+    from morphlib.bench import kernels as bench
 
     keys = []
     for n, k, g in TOL_SHAPES:
@@ -282,7 +300,7 @@ def test_fused_kernels_are_within_tolerance_and_deterministic(n, k, g):
 def test_table_plans_run_and_dispatch_is_deterministic():
     """Every kernel the shipped table (or the rules) picks on this card runs and is within tolerance;
     the same call always gets the same plan."""
-    from morphlib.quant import bench
+    from morphlib.bench import kernels as bench
 
     name = torch.cuda.get_device_name()
     for s in bench.model_shapes(("llama-2-7b", "smollm2-135m"), 64):

@@ -1,4 +1,5 @@
-"""Imports point one way: morphlib never imports morphbook; neither package has an import cycle."""
+"""Imports point one way: morphlib never imports morphbook; neither package has an import cycle; the library's
+packages and top-level modules import only those below them in ``PACKAGE_ORDER``."""
 
 from __future__ import annotations
 
@@ -58,6 +59,60 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if n not in state and (found := visit(n)):
             return found
     return None
+
+
+# Bottom to top. Each unit (a top-level module, or a subpackage with all its modules) may import only units
+# before it, at module level or inside a function:
+# * errors, device, runtime, shapes, workloads: plain checks, devices, determinism, architecture and
+#   serving arithmetic (workloads: traces and KV-cache sizes, nothing about models);
+# * fingerprint (standard library only), producer (caches keyed by the code that made them);
+# * assets (fetching files), convert (GGUF -> HF folders, a cached product);
+# * quant: INT4 storage and kernels, no model; structure: a loaded model's layers, linears and head;
+# * eval: corpus windows, metrics and the one greedy decode (through structure); sanity: the load-time
+#   gate, measured with eval; models: loading, which runs the gate;
+# * awq (needs a model's layers), morph (quantizes with awq, caches its scales), select (scores morphs);
+# * engine (loads models, runs quant's kernels), bench (times quant's kernels and the engine),
+#   vllm_morph (an external engine), cli and __main__ at the top.
+PACKAGE_ORDER = ("errors", "device", "runtime", "shapes", "workloads", "fingerprint", "producer", "assets",
+                 "convert", "quant", "structure", "eval", "sanity", "models", "awq", "morph", "select", "engine",
+                 "bench", "vllm_morph", "cli", "__main__")
+
+
+def _unit(module: str) -> str | None:
+    """``morphlib.quant.int4`` -> ``quant``; the package ``morphlib`` itself (imports nothing) -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def order_violations(graph: dict[str, set[str]], order: tuple[str, ...]) -> list[str]:
+    """Imports (module level or deferred) from a unit to one above it in ``order``, and units missing from
+    ``order``, as lines to read."""
+    rank = {u: i for i, u in enumerate(order)}
+    out = []
+    for mod, deps in sorted(graph.items()):
+        unit = _unit(mod)
+        if unit is not None and unit not in rank:
+            out.append(f"{mod}: unit {unit!r} is not in the package order")
+            continue
+        for dep in sorted(deps):
+            dep_unit = _unit(dep)
+            if unit is None or dep_unit is None or dep_unit == unit:
+                continue
+            if dep_unit not in rank or rank[dep_unit] > rank[unit]:
+                out.append(f"{mod} ({unit}) imports {dep} ({dep_unit}), which is above it")
+    return out
+
+
+def test_library_packages_import_only_those_below_them():
+    assert order_violations(_graph("morphlib"), PACKAGE_ORDER) == []
+
+
+def test_package_order_check_finds_an_upward_import():
+    graph = {"morphlib.quant.int4": {"morphlib.structure"}, "morphlib.structure": {"morphlib.quant.int4"},
+             "morphlib.quant": set(), "morphlib.new_thing": set()}
+    assert order_violations(graph, ("quant", "structure")) == [
+        "morphlib.new_thing: unit 'new_thing' is not in the package order",
+        "morphlib.quant.int4 (quant) imports morphlib.structure (structure), which is above it"]
 
 
 def test_morphlib_never_imports_morphbook():

@@ -5,7 +5,7 @@ import torch
 
 from morphlib.errors import MorphError
 from morphlib.quant.int4 import Int4Linear
-from morphlib.models import decoder_layers, layer_linears
+from morphlib.structure import decoder_layers, layer_linears
 
 
 def _snapshot(model):
@@ -74,8 +74,12 @@ def test_set_int4_and_context_manager(model, rtn_morpher):
     assert rtn_morpher.int4_layers() == []
 
 
-@pytest.mark.parametrize("bad,match", [([30], "out of range"), ([-1], "out of range"), ([2, 2], "duplicate"),
-                                       (["x"], "not an integer")])
+IN_RANGE = r"layer index \(the model has 30 layers\) must be an integer in \[0, 29\]"
+
+
+@pytest.mark.parametrize("bad,match", [([30], IN_RANGE + ", got 30"), ([-1], IN_RANGE + ", got -1"),
+                                       ([2, 2], "duplicate"), (["x"], IN_RANGE + ", got 'x'"),
+                                       ([True], IN_RANGE + ", got True"), ([2.0], IN_RANGE + ", got 2.0")])
 def test_bad_layer_indices_are_one_line_errors(rtn_morpher, bad, match):
     with pytest.raises(MorphError, match=match) as exc:
         rtn_morpher.swap(bad)

@@ -62,3 +62,26 @@ def test_capital_of_france(model, tok):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     out = greedy_tokens(model, ids, 8)
     assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.gpu
+def test_greedy_tokens_are_hf_generates_on_chapter_2s_gpu_prompts():
+    """Chapter 2's token match once came from HF ``generate`` (EOS suppressed by min_new_tokens, the head run
+    on the last prompt position only); ``greedy_tokens`` is plain argmax with the KV cache. On chapter 2's
+    GPU profile (16 held-out prompts x 32 tokens, 32 new, bf16, deterministic cuBLAS) both give the same
+    tokens for the 16-bit model and morphed ones, so the published numbers do not move."""
+    from morphlib.eval.corpus import make_windows
+    from morphlib.models import load_model
+    from morphlib.runtime import make_deterministic
+
+    make_deterministic()
+    model, tok = load_model("smollm2-135m", device="cuda")
+    held = make_windows(tok, "heldout", 64, 512, seed=0)
+    prompts = held.ids[:: len(held) // 16][:16, :32]
+    morpher = prepare_morphing(model, QuantConfig(group_size=64), progress=False)
+    for layers in ([], [10, 11], list(range(0, 30, 2)), list(range(30))):
+        with morpher.morphed(layers):
+            dev = prompts.cuda()
+            old = model.generate(dev, attention_mask=torch.ones_like(dev), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, pad_token_id=0, num_beams=1)[:, 32:].cpu()
+            assert torch.equal(greedy_tokens(model, prompts, 32), old), layers

@@ -129,14 +129,16 @@ def test_reload_method_gives_the_same_tokens(engine, int4):
 @needs_vllm
 def test_bad_input_is_one_line_error(morpher, int4):
     w = morpher.original_weight(0, "q_proj")
-    cases = [({30: {"q_proj": w}}, "out of range"), ({-1: {"q_proj": w}}, "out of range"),
+    in_range = r"must be an integer in \[0, 29\], got "
+    cases = [({30: {"q_proj": w}}, in_range + "30"), ({-1: {"q_proj": w}}, in_range + "-1"),
              ({0: {"q_proj": w[:, :64]}}, "shape"), ({0: {"qkv_proj": w}}, "unknown linear"),
-             ({"a": {"q_proj": w}}, "not an integer"), ({}, "at least one layer")]
+             ({"a": {"q_proj": w}}, in_range + "'a'"), ({True: {"q_proj": w}}, in_range + "True"),
+             ({}, "at least one layer")]
     for weights, needle in cases:
         with pytest.raises(MorphError, match=needle) as err:
             morpher.swap(weights)
         assert "\n" not in str(err.value)
-    with pytest.raises(MorphError, match="out of range"):
+    with pytest.raises(MorphError, match=in_range + "99"):
         morpher.restore([99])
     with pytest.raises(MorphError, match="unknown swap method"):
         vm_lib.VllmMorpher(morpher.llm, method="copy")

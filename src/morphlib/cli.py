@@ -17,8 +17,9 @@ def _layer_costs(args) -> None:
 
     from morphlib.eval.corpus import make_windows, resolve_texts
     from morphlib.eval.metrics import Reference, score
-    from morphlib.models import check_layers, load_model
+    from morphlib.models import load_model
     from morphlib.morph import QuantConfig, prepare_morphing
+    from morphlib.structure import check_layers
 
     texts = resolve_texts(args.texts, args.calibration_texts, args.heldout_texts)  # fail before the slow work
     t0 = time.perf_counter()
@@ -59,7 +60,7 @@ def _bench(args) -> None:
     import json
 
     from morphlib.errors import MorphError
-    from morphlib.quant import bench as qb
+    from morphlib.bench import kernels as qb
 
     shapes = None
     if args.n is not None or args.k is not None:  # one shape (the old interface)

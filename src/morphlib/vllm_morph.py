@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from morphlib.errors import MorphError
+from morphlib.errors import MorphError, check_int
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # vLLM module (under the decoder layer) -> the checkpoint linears it holds, rows in this order
@@ -233,13 +233,8 @@ class VllmMorpher:
     # ------------------------------------------------------------------ checks
 
     def _check_layer(self, layer) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise MorphError(f"layer index {layer!r} is not an integer")
-        layer = int(layer)
-        if not 0 <= layer < self.num_layers:
-            raise MorphError(f"layer index {layer} is out of range: the engine's model has {self.num_layers} layers "
-                             f"(0..{self.num_layers - 1})")
-        return layer
+        return check_int(f"layer index (the engine's model has {self.num_layers} layers)", layer, lo=0,
+                         hi=self.num_layers - 1)
 
     def _checked(self, weights: dict) -> dict[int, dict[str, torch.Tensor]]:
         if not isinstance(weights, dict) or not weights:
@@ -347,13 +342,6 @@ class VllmMorpher:
         self._reset(reset_cache)
         return EngineSwap(layers, "original", time.perf_counter() - t0, self.method, reset_cache)
 
-    def set_swapped(self, weights: dict, *, reset_cache: bool = True) -> tuple[EngineSwap, EngineSwap | None]:
-        """Make exactly the layers of ``weights`` swapped: restore the others, then swap these."""
-        keep = {self._check_layer(li) for li in weights}
-        extra = [li for li in self.swapped_layers() if li not in keep]
-        restored = self.restore(extra, reset_cache=False) if extra else None
-        return self.swap(weights, reset_cache=reset_cache), restored
-
     # ------------------------------------------------------------------ verification
 
     @torch.no_grad()
@@ -404,8 +392,7 @@ def _token_prompts(prompts) -> list[dict]:
 def greedy(llm, prompts, max_tokens: int, *, progress: bool = False) -> np.ndarray:
     """Greedy continuations [n, max_tokens] of token-id prompts (temperature 0, EOS ignored)."""
     vllm = require_vllm()
-    if max_tokens < 1:
-        raise MorphError(f"max_tokens must be at least 1, got {max_tokens}")
+    max_tokens = check_int("max_tokens", max_tokens)
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate(_token_prompts(prompts), sp, use_tqdm=progress)
     rows = [list(o.outputs[0].token_ids) for o in outs]
@@ -451,7 +438,7 @@ def prefix_cache_info(llm) -> dict:
 def write_baked_checkpoint(hf_model, tokenizer, weights: dict, folder) -> Path:
     """Save ``hf_model`` with ``weights`` ({layer: {linear: W}}) in place of its linears, as a plain HF
     folder that vLLM can load; the model itself is left unchanged."""
-    from morphlib.models import decoder_layers, layer_linears
+    from morphlib.structure import decoder_layers, layer_linears
 
     folder = Path(folder)
     layers = decoder_layers(hf_model)

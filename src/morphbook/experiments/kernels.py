@@ -1,6 +1,6 @@
 """Benchmark: INT4 linear kernels against bf16 at every row count, on the linear shapes of real models.
 
-Wraps ``morphlib.quant.bench.run_bench`` so that its numbers are published like a chapter's
+Wraps ``morphlib.bench.kernels.run_bench`` so that its numbers are published like a chapter's
 (``results/kernels/summary.json`` with provenance). Headline: the worst INT4/bf16 time ratio over
 the Llama-2-7B shapes per row band (1 row, <= 8, 16-256, 512-2048), each with its target and whether
 it was met, in the engine's "fast" dispatch and in the chapters' bit-exact "exact" dispatch.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, int_tuple
+from morphlib.bench.kernels import MODELS, ROWS, run_bench
 from morphlib.errors import MorphError
-from morphlib.quant.bench import MODELS, ROWS, run_bench
 
 DEFAULTS = {"gpu": dict(models=MODELS, rows=ROWS), "cpu": dict(models=("smollm2-135m",), rows=(1, 8, 64, 512))}
 

@@ -19,11 +19,12 @@ from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows, resolve_texts
 from morphlib.eval.metrics import Reference, greedy_tokens
 from morphlib.eval.stats import bootstrap_ci
-from morphlib.models import load_model, num_layers
+from morphlib.models import load_model
 from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.runtime import make_deterministic
 from morphlib.select.sensitivity import layer_passes, mds_given
 from morphlib.select.strategies import HeldoutScorer, Selector, evaluate_sets, seed_protocol
+from morphlib.structure import num_layers
 
 DEFAULTS = {
     "gpu": dict(ks=(2, 4, 6, 8, 10, 12, 16, 20, 24), seed_protocol_ks=(2, 4, 8, 11), n_random=20, calib_windows=16,

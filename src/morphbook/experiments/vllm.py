@@ -43,9 +43,10 @@ from morphbook.experiments.base import ProfileConfig, Result, as_params, int_tup
 from morphlib.eval.corpus import make_windows
 from morphlib.errors import MorphError
 from morphlib.quant.int4 import GROUP_SIZES
-from morphlib.eval.metrics import token_match, window_nll as hf_window_nll
-from morphlib.models import _export_smollm2, decoder_layers, layer_linears, load_model
+from morphlib.eval.metrics import greedy_tokens, token_match, window_nll as hf_window_nll
+from morphlib.models import _export_smollm2, load_model
 from morphlib.morph import QuantConfig, prepare_morphing
+from morphlib.structure import decoder_layers, layer_linears
 from morphlib import vllm_morph as vm_lib
 
 STRATEGIES = ("block", "greedy_lis", "best_scattered", "front_to_back")
@@ -177,24 +178,6 @@ def _check_sets(sets: dict, strategies, ks, num_layers: int) -> dict[str, dict[i
 # ----------------------------------------------------------------------------- HF side
 
 
-@torch.no_grad()
-def hf_greedy(model, prompts: torch.Tensor, new_tokens: int, batch_size: int = 16) -> np.ndarray:
-    """Greedy continuations [n, new_tokens] by plain argmax with the KV cache (no EOS handling: the
-    same rule as vLLM with ``ignore_eos=True``)."""
-    out = []
-    for start in range(0, prompts.shape[0], batch_size):
-        ids = prompts[start:start + batch_size]
-        res = model(ids, use_cache=True)
-        nxt = res.logits[:, -1].argmax(-1)
-        toks = [nxt]
-        for _ in range(new_tokens - 1):
-            res = model(nxt[:, None], past_key_values=res.past_key_values, use_cache=True)
-            nxt = res.logits[:, -1].argmax(-1)
-            toks.append(nxt)
-        out.append(torch.stack(toks, dim=1))
-    return torch.cat(out).numpy().astype(np.int64)
-
-
 class HFWeights:
     """Put dense replacement weights into an HF model's linears and back (exact: the original tensors
     are kept and re-attached)."""
@@ -309,7 +292,7 @@ def _load_hf_and_data(cfg: Config, sets: dict) -> _Setup:
 def _hf_reference(s: _Setup) -> dict:
     """HF greedy tokens and per-set HF loss (before vLLM starts: no two thread pools at once)."""
     hfw = HFWeights(s.hf)
-    out = {"tokens": hf_greedy(s.hf, s.prompts, s.cfg.new_tokens),
+    out = {"tokens": greedy_tokens(s.hf, s.prompts, s.cfg.new_tokens, batch_size=16).numpy(),  # no EOS handling, as vLLM's ignore_eos
            "nll0": hf_window_nll(s.hf, s.held.ids, batch_size=8), "nll": {}}
     for layers in tqdm(s.unique, desc="HF loss per layer set", leave=False):
         hfw.set(s.weights_for(layers))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphlib.errors import MorphError
-from morphlib.models import lm_head_logits, one_pass_exact, text_config
+from morphlib.errors import MorphError, check_int
+from morphlib.structure import lm_head_logits, one_pass_exact, text_config
 
 REFERENCE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
 
@@ -34,6 +34,7 @@ def _batches(model: nn.Module, ids: torch.Tensor, batch_size: int, with_hidden: 
     """Per batch: (start, targets, next-token log-probs[, final hidden state after the last norm])."""
     if ids.numel() == 0 or ids.shape[-1] < 2:
         raise MorphError("nothing to score: need at least one window of at least 2 tokens")
+    batch_size = check_int("batch size", batch_size)
     dev = _device(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(dev)
@@ -123,13 +124,31 @@ def score(model: nn.Module, reference: Reference, batch_size: int = 8, hidden: l
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuations [n, new_tokens] of equal-length prompts [n, P] (no padding needed)."""
-    dev = _device(model)
-    out = model.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts, device=dev),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, num_beams=1)
-    return out[:, prompts.shape[1]:].cpu()
+def greedy_steps(model: nn.Module, prompts: torch.Tensor):
+    """The library's one Hugging Face greedy decode, one step per ``next()``: plain argmax with the model's
+    KV cache (end-of-sequence is a token like any other). The first ``next()`` runs the equal-length
+    prompts [n, P] (no padding) and every later one a single-token step; each yields the next token of
+    every prompt, [n, 1] on the model's device. A caller may change the model between steps (chapter 4
+    swaps layers there) or time each one."""
+    out = model(prompts.to(_device(model)), use_cache=True)
+    while True:
+        nxt = out.logits[:, -1:].argmax(-1)
+        yield nxt
+        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+
+
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batch_size: int | None = None) -> torch.Tensor:
+    """Greedy continuations [n, new_tokens] (int64, on the CPU) of equal-length prompts [n, P]:
+    :func:`greedy_steps` on ``batch_size`` prompts at a time (default: all at once)."""
+    new_tokens = check_int("new_tokens", new_tokens)
+    batch_size = check_int("batch size", batch_size if batch_size is not None else max(1, len(prompts)))
+    if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+        raise MorphError(f"prompts must be token ids [n, P] with n, P >= 1, got shape {tuple(prompts.shape)}")
+    out = []
+    for start in range(0, prompts.shape[0], batch_size):
+        steps = greedy_steps(model, prompts[start:start + batch_size])
+        out.append(torch.cat([next(steps) for _ in range(new_tokens)], dim=1).cpu())
+    return torch.cat(out)
 
 
 def token_match(reference: torch.Tensor, other: torch.Tensor) -> dict[str, np.ndarray]:

@@ -1,1 +1,3 @@
-"""Weight quantization: group-wise INT4 storage and kernels (``int4``), AWQ-style scales (``awq``)."""
+"""Weight quantization: group-wise INT4 storage (``int4``) and its Triton kernels (``kernels``).
+
+AWQ-style scales need a model's layers, so they live above ``structure``: ``morphlib.awq``."""

@@ -17,9 +17,10 @@ group, ``scale_zero`` bf16 [K/g, N, 2]. One byte layout per device, written once
 * ``plain``: uint8 [N, K/2], even k in the high nibble (CPU when N % 64 != 0; no kernel).
 * ``cpu``: the layout of ``aten._convert_weight_to_int4pack_for_cpu`` (blocks of 64 output rows),
   run by ``aten._weight_int4pack_mm_for_cpu``; used on CPU when N % 64 == 0.
-* ``tinygemm``: the tensor-core tile layout of ``aten._convert_weight_to_int4pack`` (CUDA, sm80+),
-  run by ``aten._weight_int4pack_mm``. No longer chosen by ``choose_layout``; still packed, unpacked
-  and run (the bench times it as a reference column).
+
+Each layout is one entry of ``LAYOUTS`` (pack, unpack, the packed buffer's shape, and the layout's own
+kernel where it has one), looked up once per call. (tinygemm's tile layout is a yardstick of the
+kernels bench, ``morphlib.bench.kernels``, not a storage layout of the library.)
 
 Kernel choice (``kernel_plan``) is a deterministic function of (device name, N, K, M, group size,
 mode): a tuning table measured by ``python -m morphlib bench --tune`` and shipped with the package
@@ -41,9 +42,10 @@ weight tile, of the AWQ-scaled activation and of the output); tests/test_int4_gp
 from __future__ import annotations
 
 import json
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +56,8 @@ from morphlib.shapes import int4_nbytes  # noqa: F401  (the byte accounting of t
 
 GROUP_SIZES = (32, 64, 128, 256)
 # CPU: fused `_weight_int4pack_mm_for_cpu` up to this many rows, dequantize+GEMM above (2 cores, AMX:
-# the kernel costs ~10 us per row for a 576x1536 weight, dequantize+GEMM ~1 ms flat).
-# CUDA with the tinygemm layout: tinygemm up to this many rows (it loses to bf16 beyond ~16 on H200).
-KERNEL_MAX_TOKENS = {
-    "cuda": int(os.environ.get("MORPHLIB_INT4_KERNEL_MAX_TOKENS_CUDA", 16)),
-    "cpu": int(os.environ.get("MORPHLIB_INT4_KERNEL_MAX_TOKENS_CPU", 96)),
-}
+# the kernel costs ~10 us per row for a 576x1536 weight, dequantize+GEMM ~1 ms flat). Read at each call.
+KERNEL_MAX_TOKENS = {"cpu": int(os.environ.get("MORPHLIB_INT4_KERNEL_MAX_TOKENS_CPU", 96))}
 # exact mode (plain layout, CUDA): fused kernels up to this many rows, bit-exact dequantize+GEMM above
 # (the rows the old tinygemm layout ran fused; the chapters' 512-token windows are far above it).
 EXACT_FUSED_MAX_ROWS = 16
@@ -121,66 +119,107 @@ def choose_layout(n: int, k: int, device: torch.device) -> str:
     return "plain"
 
 
-def _inner_k_tiles(k: int) -> int:
-    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+def _pack_plain(q: torch.Tensor) -> torch.Tensor:  # even k in the high nibble
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+
+
+def _unpack_plain(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, k)
+
+
+def _pack_triton(q: torch.Tensor) -> torch.Tensor:  # per 32-block: low nibble k = 32b + j, high nibble k = 32b + 16 + j
+    n, k = q.shape
+    if k % 32:
+        raise MorphError(f"the triton layout needs K % 32 == 0, got K={k}")
+    b = q.reshape(n, k // 32, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def _unpack_triton(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    b = packed.reshape(n, k // 32, 16)
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k)
+
+
+def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    # bytes [N/64][K][32]: low nibble = row j, high nibble = row j + 32 of each 64-row block
+    b = packed.reshape(n // 64, k, 32)
+    rows = torch.stack([b & 0xF, b >> 4], dim=1)  # [N/64, 2, K, 32]
+    return rows.permute(0, 1, 3, 2).reshape(n, k)
+
+
+def _half_bytes(n: int, k: int) -> tuple[tuple[int, ...], torch.dtype]:
+    return (n, k // 2), torch.uint8
+
+
+def _runs_triton(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and triton_available()
+
+
+def _matmul_triton(x, packed, scale_zero, *, n, k, group_size, input_scale_inv, bias, mode, workspace):
+    if x.shape[0] == 0:
+        return x.new_empty(0, n, dtype=torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    plan = plan_for(x, n, k, group_size, mode)
+    return _run_plan(plan, x, packed, scale_zero, n=n, k=k, group_size=group_size,
+                     input_scale_inv=input_scale_inv, bias=bias, workspace=workspace)
+
+
+def _runs_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_TOKENS["cpu"]
+
+
+def _matmul_cpu(x, packed, scale_zero, *, n, k, group_size, input_scale_inv, bias, mode, workspace):
+    if input_scale_inv is not None:
+        x = x * input_scale_inv
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scale_zero)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """One byte layout of packed INT4 weights (module doc): ``pack`` q (uint8 [N, K], 0..15) into its
+    buffer, ``unpack`` (packed, n, k) it back, the buffer's (shape, dtype) for an [N, K] weight, and the
+    layout's own kernel: ``matmul`` when ``runs(x)`` says it takes this activation, else dequantize+GEMM."""
+
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int, int], torch.Tensor]
+    packed_shape: Callable[[int, int], tuple[tuple[int, ...], torch.dtype]]
+    runs: Callable[[torch.Tensor], bool] = lambda x: False
+    matmul: Callable | None = None
+
+
+LAYOUTS: dict[str, Int4Layout] = {
+    "triton": Int4Layout(_pack_triton, _unpack_triton, _half_bytes, _runs_triton, _matmul_triton),
+    "plain": Int4Layout(_pack_plain, _unpack_plain, _half_bytes),
+    "cpu": Int4Layout(_pack_cpu, _unpack_cpu, _half_bytes, _runs_cpu, _matmul_cpu),
+}
+
+
+def layout_of(name: str) -> Int4Layout:
+    if name not in LAYOUTS:
+        raise MorphError(f"unknown INT4 layout {name!r}: choose one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
 
 
 def pack(q: torch.Tensor, layout: str) -> torch.Tensor:
     """Pack q (uint8 [N, K], values 0..15) into the given layout, on q's device."""
-    n, k = q.shape
-    hi_lo = ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()  # plain: even k in the high nibble
-    if layout == "plain":
-        return hi_lo
-    if layout == "triton":  # per 32-block: low nibble k = 32b + j, high nibble k = 32b + 16 + j
-        if k % 32:
-            raise MorphError(f"the triton layout needs K % 32 == 0, got K={k}")
-        b = q.reshape(n, k // 32, 2, 16)
-        return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    if layout == "tinygemm":
-        return torch.ops.aten._convert_weight_to_int4pack(hi_lo, _inner_k_tiles(k))
-    if layout == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-    raise MorphError(f"unknown INT4 layout {layout!r}")
+    return layout_of(layout).pack(q)
 
 
 def unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack`: uint8 [N, K] with values 0..15 (pure tensor ops, any device)."""
-    if layout == "plain":
-        return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, k)
-    if layout == "triton":
-        b = packed.reshape(n, k // 32, 16)
-        return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k)
-    if layout == "cpu":
-        # bytes [N/64][K][32]: low nibble = row j, high nibble = row j + 32 of each 64-row block
-        b = packed.reshape(n // 64, k, 32)
-        rows = torch.stack([b & 0xF, b >> 4], dim=1)  # [N/64, 2, K, 32]
-        return rows.permute(0, 1, 3, 2).reshape(n, k)
-    if layout == "tinygemm":
-        # int32 [N/8][K/(16*T)][32 lanes][T/2]; lane t = 4*t4 + tm holds row 8*nt + t4; nibble
-        # p = 4*h + i of word j holds k = 16*T*ko + 32*j + 8*i + 2*tm + h (from int4mm.cu).
-        nt, ko, _, jj = packed.shape
-        shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-        nib = (packed[..., None] >> shifts) & 0xF  # [nt, ko, 32, jj, 8]
-        nib = nib.reshape(nt, ko, 8, 4, jj, 2, 4)  # nt, ko, t4, tm, j, h, i
-        q = nib.permute(0, 2, 1, 4, 6, 3, 5)  # nt, t4 | ko, j, i, tm, h
-        return q.reshape(n, k).to(torch.uint8)
-    raise MorphError(f"unknown INT4 layout {layout!r}")
+    return layout_of(layout).unpack(packed, n, k)
 
 
 def packed_specs(n: int, k: int, group_size: int, layout: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of an [N, K] INT4 weight's buffers in ``layout`` (``packed``, ``scale_zero``),
     so that an engine can place them in memory it owns; their bytes sum to ``int4_nbytes``."""
     check_group_size(k, group_size)
-    if layout in ("plain", "triton"):
-        packed = ((n, k // 2), torch.uint8)
-    elif layout == "cpu":
-        packed = ((n, k // 2), torch.uint8)
-    elif layout == "tinygemm":
-        t = _inner_k_tiles(k)
-        packed = ((n // 8, k // (16 * t), 32, t // 2), torch.int32)
-    else:
-        raise MorphError(f"unknown INT4 layout {layout!r}")
-    return {"packed": packed, "scale_zero": ((k // group_size, n, 2), torch.bfloat16)}
+    return {"packed": layout_of(layout).packed_shape(n, k), "scale_zero": ((k // group_size, n, 2), torch.bfloat16)}
 
 
 def dequantize_packed(packed: torch.Tensor, scale_zero: torch.Tensor, *, n: int, k: int, group_size: int,
@@ -233,10 +272,6 @@ def _table_device(name: str, capability: tuple[int, int] | None, sm_count: int |
                 and d.get("sm_count") == sm_count:
             return d
     return None
-
-
-def _pow2_floor(v: int) -> int:
-    return 1 << (max(1, v).bit_length() - 1)
 
 
 DEQUANT_DEFAULT = {"dq_bn": 32, "dq_gpp": 2, "dq_warps": 4}
@@ -333,11 +368,6 @@ def _scratch(device: torch.device, n: int, k: int, workspace: torch.Tensor | Non
     return buf[: n * k].view(n, k)
 
 
-def release_scratch() -> None:
-    """Free the cached dequantize scratch buffers."""
-    _SCRATCH.clear()
-
-
 def _run_plan(plan: dict, x, packed, scale_zero, *, n, k, group_size, input_scale_inv, bias, workspace):
     from morphlib.quant import kernels
 
@@ -362,31 +392,19 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
                 workspace: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T for a bf16 [M, K] activation and a packed INT4 [N, K] weight; returns bf16 [M, N].
 
-    Buffers may be views into memory the caller owns (a serving engine's arena). ``mode``: ``exact``
-    (default, ``DEFAULT_MODE``) or ``fast`` (module doc). ``workspace``: an optional caller-owned
-    buffer of at least ``scratch_bytes(n, k)`` bytes for the dequantize+GEMM path (else a cached one)."""
-    rows = x.shape[0]
-    if x.device.type == "cuda" and layout == "triton" and triton_available():
-        if rows == 0:
-            return x.new_empty(0, n, dtype=torch.bfloat16)
-        x = x.to(torch.bfloat16)
-        plan = plan_for(x, n, k, group_size, mode)
-        return _run_plan(plan, x, packed, scale_zero, n=n, k=k, group_size=group_size,
-                         input_scale_inv=input_scale_inv, bias=bias, workspace=workspace)
-    fused = ((layout == "tinygemm" and x.device.type == "cuda" and rows <= KERNEL_MAX_TOKENS["cuda"])
-             or (layout == "cpu" and x.device.type == "cpu" and rows <= KERNEL_MAX_TOKENS["cpu"]))
-    if fused:
-        if input_scale_inv is not None:
-            x = x * input_scale_inv
-        x = x.contiguous()
-        if layout == "tinygemm":
-            y = torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
-        return y if bias is None else y + bias.to(y.dtype)
+    The layout's own kernel when it takes ``x`` (``LAYOUTS``), else the torch reference: dequantize,
+    then ``F.linear``. Buffers may be views into memory the caller owns (a serving engine's arena).
+    ``mode``: ``exact`` (default, ``DEFAULT_MODE``) or ``fast`` (module doc). ``workspace``: an optional
+    caller-owned buffer of at least ``scratch_bytes(n, k)`` bytes for the dequantize+GEMM path (else a
+    cached one)."""
+    lay = layout_of(layout)
+    if lay.matmul is not None and lay.runs(x):
+        return lay.matmul(x, packed, scale_zero, n=n, k=k, group_size=group_size, input_scale_inv=input_scale_inv,
+                          bias=bias, mode=mode, workspace=workspace)
     w = dequantize_packed(packed, scale_zero, n=n, k=k, group_size=group_size, layout=layout,
                           input_scale_inv=input_scale_inv)
     return F.linear(x, w, None if bias is None else bias.to(torch.bfloat16))
+
 
 # ----------------------------------------------------------------------------- the layer
 

@@ -30,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from morphlib.eval.metrics import Reference, score
-from morphlib.models import decoder_layers
 from morphlib.morph import Morpher
+from morphlib.structure import decoder_layers
 
 LIS_WEIGHTS = {"lts": 0.25, "lrs": 0.25, "mds": 0.5}
 

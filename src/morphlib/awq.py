@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from morphlib.quant.int4 import dequantize_groupwise, quantize_groupwise
-from morphlib.models import decoder_layers, layer_linears
+from morphlib.structure import decoder_layers, layer_linears
 
 
 @torch.no_grad()

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from morphlib.bench.timing import copy_bandwidth_gbps, time_cpu, time_cuda
+from morphlib.device import resolve_device
 from morphlib.quant import int4
 from morphlib.shapes import SHAPES, int4_nbytes, linear_shapes
 
@@ -57,77 +58,19 @@ def model_shapes(models=MODELS, group_size: int = 64) -> list[dict]:
     return out
 
 
-# ----------------------------------------------------------------------------- timing
+# ----------------------------------------------------------------------------- tinygemm (a yardstick)
 
 
-def _median_ms(times: list[float]) -> float:
-    return statistics.median(times)
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
 
 
-def time_cuda(calls: list, min_ms: float = 20.0, max_reps: int = 30) -> float:
-    """Median ms per call of ``calls`` (each a no-argument callable, e.g. one per weight copy),
-    captured once into a CUDA graph and replayed between events (plain launches if capture fails)."""
-    for c in calls:  # warm-up: compile, autotune-free, allocate
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-    except Exception:  # noqa: BLE001  (time the same calls without a graph)
-        torch.cuda.synchronize()
-        graph = _Launches(calls)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    first = start.elapsed_time(end)
-    reps = max(3, min(max_reps, int(min_ms / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return _median_ms(times) / len(calls)
-
-
-class _Launches:
-    def __init__(self, calls):
-        self.calls = calls
-
-    def replay(self):
-        for c in self.calls:
-            c()
-
-
-def time_cpu(call, min_s: float = 0.05, max_reps: int = 50) -> float:
-    call()
-    times, total = [], 0.0
-    while (total < min_s or len(times) < 3) and len(times) < max_reps:
-        t0 = time.perf_counter()
-        call()
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        total += dt
-    return _median_ms(times)
-
-
-def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written: the better of a
-    memcpy (``copy_``) and an elementwise copy kernel over 1 GiB."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = min(time_cuda([lambda: dst.copy_(src)], min_ms=50.0),
-             time_cuda([lambda: torch.mul(src, 1.0, out=dst)], min_ms=50.0))
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
+    """q (uint8 [N, K], 0..15) in the tensor-core tile layout of ``aten._convert_weight_to_int4pack``
+    (CUDA, sm80+), which ``aten._weight_int4pack_mm`` runs: the bench's reference column, not a
+    storage layout of the library."""
+    hi_lo = ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack(hi_lo, _inner_k_tiles(q.shape[1]))
 
 
 # ----------------------------------------------------------------------------- problems
@@ -154,7 +97,7 @@ class Problem:
         self.sz = [sz] + [sz.clone() for _ in range(r - 1)]
         self.tg = None
         if tinygemm:
-            tg = int4.pack(q, "tinygemm")
+            tg = pack_tinygemm(q)
             self.tg = [tg] + [tg.clone() for _ in range(r - 1)]
         self.workspace = torch.empty(int4.scratch_bytes(n, k), dtype=torch.uint8, device=device)
 
@@ -431,8 +374,6 @@ def run_bench(models=None, rows=ROWS, group_size: int = 64, device=None, mode: s
 
     ``models``: shape sets of ``morphlib.shapes.SHAPES`` (default: Llama-2-7B, TinyLlama, SmolLM2 on
     CUDA; SmolLM2 on CPU); ``shapes``: explicit [{"model", "n", "k", "linears"}] instead."""
-    from morphlib.models import resolve_device
-
     device = resolve_device(device)
     if device.type != "cuda":
         return _run_bench_cpu(shapes or model_shapes(models or ("smollm2-135m",), group_size), rows, group_size, log)
