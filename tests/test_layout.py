@@ -63,8 +63,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # Bottom to top. Each unit (a top-level module, or a subpackage with all its modules) may import only units
 # before it, at module level or inside a function:
-# * errors, device, runtime, shapes, workloads: plain checks, devices, determinism, architecture and
-#   serving arithmetic (workloads: traces and KV-cache sizes, nothing about models);
+# * errors, device, runtime, shapes, cards, workloads: plain checks, devices, determinism, architecture,
+#   the GPU card table and serving arithmetic (workloads: traces and KV-cache sizes, nothing about models);
 # * fingerprint (standard library only), producer (caches keyed by the code that made them);
 # * assets (fetching files), convert (GGUF -> HF folders, a cached product);
 # * quant: INT4 storage and kernels, no model; structure: a loaded model's layers, linears and head;
@@ -73,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # * awq (needs a model's layers), morph (quantizes with awq, caches its scales), select (scores morphs);
 # * engine (loads models, runs quant's kernels), bench (times quant's kernels and the engine),
 #   vllm_morph (an external engine), cli and __main__ at the top.
-PACKAGE_ORDER = ("errors", "device", "runtime", "shapes", "workloads", "fingerprint", "producer", "assets",
+PACKAGE_ORDER = ("errors", "device", "runtime", "shapes", "cards", "workloads", "fingerprint", "producer", "assets",
                  "convert", "quant", "structure", "eval", "sanity", "models", "awq", "morph", "select", "engine",
                  "bench", "vllm_morph", "cli", "__main__")
 
