@@ -146,7 +146,8 @@ def decode_run(llm: LLM, prompts: list[list[int]], steps: int, events=(), warmup
         llm.step()
     llm.wait_morph()  # ops still copying finish on untimed steps; events never reached are dropped
     _settle(llm.device)
-    step_rows = [_step_row(r, t0, t_ref) for r in llm.steps if r.index >= t0 - warmup and r.num_seqs and r.decode_seqs == r.num_seqs]
+    step_rows = [_step_row(r, t0, t_ref) for r in llm.steps
+                 if r.index >= t0 - warmup and r.num_seqs and r.decode_seqs == r.num_seqs]  # decode steps only
     end = {s["index"]: s["end_ms"] for s in step_rows}
     op_rows, event_rows = [], []
     for k, (ev, asked, ops) in enumerate(made):
@@ -158,10 +159,10 @@ def decode_run(llm: LLM, prompts: list[list[int]], steps: int, events=(), warmup
                            "planned_step": ev.step, "request_step": asked, "commit_steps": commits,
                            "ops": len(rows), "bytes": sum(r["bytes"] for r in rows),
                            "latency_ms": end[last] - rows[0]["requested_ms"] if rows and last in end else None})
-    timed = [s for s in step_rows if 0 <= s["index"] < steps]
+    window = [s for s in step_rows if 0 <= s["index"] < steps]
     problems = [f"lazy CUDA-graph capture at step {r.index - t0} ({1e3 * r.capture_s:.0f} ms)"
                 for r in llm.steps if r.capture_s > 0]
-    share = sum(s["path"] == "graph" for s in timed) / len(timed)
+    share = sum(s["path"] == "graph" for s in window) / len(window)
     if llm.runner.use_graphs and share < MIN_GRAPH_SHARE:
         problems.append(f"only {share:.0%} of the timed steps replayed a CUDA graph (< {MIN_GRAPH_SHARE:.0%})")
     return {"steps": step_rows, "ops": op_rows, "events": event_rows, "dropped_events": [e.label for e in todo],
