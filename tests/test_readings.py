@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from morphbook.publish.readings import burst, overlap, sensitivity, strategies, vllm
+from morphbook.publish.readings import burst, overlap, sensitivity, strategies, transfer, vllm
 from morphlib.errors import MorphError
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -31,7 +31,6 @@ sp_burst_assumptions_sentence = _plain(burst.assumptions_sentence)
 sp_burst_burstiness_sentence = _plain(burst.burstiness_sentence)
 sp_burst_capacity_sentence = _plain(burst.capacity_sentence)
 sp_burst_gain_sentence = _plain(burst.gain_sentence)
-sp_overlap_texts = _plain(overlap.texts)
 sp_sensitivity_texts = _plain(sensitivity.texts)
 sp_strategies_middle_sentence = _plain(strategies.middle_sentence)
 sp_strategies_pooled_sentence = _plain(strategies.pooled_sentence)
@@ -184,27 +183,77 @@ def test_strategy_texts_on_the_committed_results():
     assert strategies.domain_name("moby-dick") == "Moby-Dick" and strategies.domain_name("poetry") == "poetry"
 
 
+# --------------------------------------------------------------------------- chapter 3
+def _fig(value, met=None, **extra):
+    return {"value": value, "unit": "", "label": "x", "target": "<= 1", "met": met, **extra}
+
+
+def _transfer_headline(chosen=True, met=True, valid=True, graphs=True):
+    at = {"chunk_bytes": 16 << 20, "pace": "0.8"}
+    return {"shape": "llama-2-7b", "valid": valid, "invalid_because": [] if valid else ["lazy CUDA-graph capture at step 3"],
+            "cuda_graphs": graphs, "copies_bitwise_exact": True, "chosen_copy_setting": at if chosen else None,
+            "copy_setting_read": {**at, "chosen": chosen},
+            "copy_bw_under_decode_vs_isolated": {**_fig(0.95, met), "target": ">= 0.9"},
+            "decode_slowdown_during_copy": {**_fig(0.021, met), "target": "<= 0.03"},
+            "swap_to_use_ms": _fig(9.8), "int4_layer_copy_ms": _fig(2.07, n=200, p99_ms=2.2),
+            "fp16_layer_copy_ms": _fig(7.36, n=200, p99_ms=7.5), "pinned_ceiling_gbps": _fig(55.3),
+            "pinned_layer_gbps": _fig(55.0), "pageable_layer_gbps": _fig(13.75),
+            **{f"verdict_{k}_{p}": f"no practical difference: {k} {p}" for k in ("packed_faster", "less_jitter",
+                                                                                "packed_faster_than_chunks")
+               for p in ("int4", "fp16")}}
+
+
+def test_transfer_sentences_follow_the_setting_rule_and_the_verdicts():
+    rows = [{"pace": "unpaced", "chunk_bytes": 16 << 20, "slowdown": 0.4}, {"pace": "unpaced", "chunk_bytes": 4 << 20,
+                                                                          "slowdown": 0.9}]
+    t = sp(transfer.texts(_transfer_headline(), rows))
+    assert "the contention vanishes at 16 MiB chunks, pace 0.8" in t["contention"]
+    assert "(target >= 0.9: met)" in t["contention"] and "Unpaced, the overlapped steps slow down by up to 40.0 %" in t["contention"]
+    assert "4.00× slower" in t["alone"] and "2.07 ms" in t["alone"] and "*it jitters less* — no practical" in t["claims"]
+    assert t["checks"].startswith("Every decode run was valid") and "equal to its host copy" in t["checks"]
+    worse = sp(transfer.texts(_transfer_headline(chosen=False, met=False), rows))["contention"]
+    assert "no chunk size and pacing kept the copies within both targets" in worse and "**missed**" in worse
+    cpu = sp(transfer.texts(_transfer_headline(met=None, graphs=False), []))
+    assert "not judged" in cpu["contention"] and "eagerly" in cpu["contention"] and "Unpaced" not in cpu["contention"]
+    assert "graph-share rule does not apply" in cpu["checks"]
+    bad = sp(transfer.texts(_transfer_headline(valid=False), rows))["checks"]
+    assert bad.startswith("**Some decode runs are invalid** (lazy CUDA-graph capture at step 3)")
+
+
 # --------------------------------------------------------------------------- chapter 4
-def _steps(int4_ms, fp16_ms):
-    rows = [{"mode": "sync", "state": "fp16", "carried": "", "step": 0, "ms": 99.0}]
-    rows += [{"mode": "sync", "state": "int4", "carried": "", "step": i, "ms": int4_ms} for i in range(1, 4)]
-    rows += [{"mode": "sync", "state": "fp16", "carried": "", "step": i, "ms": fp16_ms} for i in range(4, 7)]
-    return rows
+def _overlap_headline(met=True, sync_ratio=1.02, factor=0.94):
+    models = [{"model": "shape:llama-2-7b", "batches": {"8": {
+        "precision_factors": {"0": 1.0, "16": factor}, "int4_step_ms": {"16": 5.6 * factor}, "fp16_step_ms": 5.6,
+        "tpot_ratio_side_precision_only": {"mean": 0.97}, "tpot_ratio_side_overlap_only": {"mean": 1.01}, "events": {}}}}]
+    h = {"model": "shape:llama-2-7b", "valid": True, "invalid_because": [], "cuda_graphs": True,
+         "tpot_ratio_async_swap": _fig(1.012, batch=8, rounds=5), "tpot_ratio_async_swap_ci95": [1.004, 1.020],
+         "tpot_ratio_async_swap_ci95_high": {**_fig(1.020, met), "target": "<= 1.03"},
+         "p99_itl_ratio_async_swap": {**_fig(1.05, met, batch=32), "target": "<= 1.1"},
+         "boundary_stall_ms": {**_fig(0.08, met, batch=1), "target": "<= 0.2"},
+         "sync_stall_vs_copy_ratio": _fig(sync_ratio, batch=8, event="swap 16", sync_stall_ms=33.9, side_stall_ms=0.4,
+                                          copy_ms=33.2),
+         "sync_stall_vs_copy_ratio_low": _fig(sync_ratio, met and sync_ratio >= 0.9),
+         "sync_stall_vs_copy_ratio_high": _fig(sync_ratio, met and sync_ratio <= 1.1),
+         "tokens_match": _fig(1.0, met), "swap_latency_ms": _fig(40.1, batch=8, copy_plus_two_steps_ms=44.4),
+         "swap_latency_vs_copy_plus_two_steps": _fig(0.9, met)}
+    return h, models
 
 
-def test_overlap_compares_like_for_like():
-    stats = {"sync_swap_step_ms": 34.09, "async_swap_step_ms": 25.67, "sync_swap_stall_ms": 4.40,
-             "async_swap_stall_ms": 3.89}
-    text = sp_overlap_texts(stats, _steps(29.9, 21.0), {"async_tokens_match_sync": 1.0})["overlap"]
-    assert "most of the 8.42 ms is the forward's precision" in text
-    assert "the side stream hides 0.51 ms (12 %) of the stall" in text and "equal the synchronous run's" in text
-    worse = sp_overlap_texts({**stats, "async_swap_stall_ms": 5.0}, _steps(22.0, 21.0))["overlap"]
-    assert "adds 0.60 ms to the stall" in worse and "forward's precision, not" not in worse
-    assert overlap.plain_step_ms(_steps(29.9, 21.0), "sync", "fp16") == 21.0  # the first step is excluded
-    cpu = sp_overlap_texts({"sync_swap_stall_ms": 2.0, "async_swap_stall_ms": None}, [])
-    assert "cannot say what a side stream hides" in cpu["overlap"]
-    with pytest.raises(MorphError, match="lacks"):
-        sp_overlap_texts({"async_swap_stall_ms": 1.0}, [])
+def test_overlap_sentences_compare_the_control_with_the_side_stream():
+    h, models = _overlap_headline()
+    t = sp(overlap.texts(h, models, 16))
+    assert t["answer"].startswith("Synchronously, a 16-layer swap at batch 8 stalls decode for 33.9 ms, 1.02×")
+    assert "target 0.9–1.1×: met" in t["answer"] and "+0.080 ms" in t["answer"]
+    assert "takes 33.5 ms of stall out of decode" in t["answer"]
+    assert "1.012× that without (95 % CI 1.004–1.020; target: upper end <= 1.03: met)" in t["tpot"]
+    assert "INT4 is faster here" in t["precision"] and "accounts for 0.970×" in t["precision"]
+    assert "100.0 % of positions" in t["checks"] and "Every decode run was valid" in t["checks"]
+    h2, models2 = _overlap_headline(met=False, sync_ratio=1.4, factor=1.05)
+    t2 = sp(overlap.texts(h2, models2, 16))
+    assert "**missed**" in t2["answer"] and "INT4 is slower here" in t2["precision"] and "**missed**" in t2["tpot"]
+    assert "No quiet step ran with 8 INT4 layers" in sp(overlap.precision_sentence(h, models, 8))
+    with pytest.raises(MorphError, match="no shape:llama-2-7b at batch 1"):
+        overlap.precision_sentence({**h, "tpot_ratio_async_swap": _fig(1.0, batch=1)}, models, 16)
 
 
 # --------------------------------------------------------------------------- chapter 5

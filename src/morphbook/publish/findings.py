@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from morphbook.chapters import ALL, chapter
+from morphbook.experiments.transfer import setting_text
 from morphbook.publish import fmt
 from morphbook.publish.page import Shown, same_dir, short_commit, used_device
 from morphbook.publish.readings import sensitivity as read_sens
@@ -82,27 +83,28 @@ def _strategies(s: Shown) -> list[tuple[str, str]]:
 
 
 def _transfer(s: Shown) -> list[tuple[str, str]]:
-    h = s.headline
-    ks = sorted(int(k.rsplit("_", 2)[-2]) for k in h if k.startswith("scattered_vs_block_ratio_fp16_"))
-    rows = [(f"Host-to-device copy of one {h['shape']}-shape layer, median: INT4 vs FP16",
-             f"{fmt.ms(h['int4_layer_ms'])} vs {fmt.ms(h['fp16_layer_ms'])} (one big copy: "
-             f"{fmt.num(h['ceiling_gbps'], 1)} GB/s)")]
-    if ks:
-        k = ks[-1]
-        rows.append((f"Scattered / block copy time, {k} layers, the same copies",
-                     f"{fmt.times(h[f'scattered_vs_block_ratio_fp16_{k}_layers'], 3)} (FP16), "
-                     f"{fmt.times(h[f'scattered_vs_block_ratio_int4_{k}_layers'], 3)} (INT4)"))
-    return rows
+    h = s.summary["headline"]
+    if "engine" not in h:  # made before chapter 3 ran on the engine: nothing here reads that format
+        return []
+    bw, slow = h["copy_bw_under_decode_vs_isolated"], h["decode_slowdown_during_copy"]
+    at = h["copy_setting_read"]
+    return [(f"Copy of one {h['shape']}-shape layer on the idle engine, median: INT4 head vs 16-bit region",
+             f"{fmt.ms(h['int4_layer_copy_ms']['value'])} vs {fmt.ms(h['fp16_layer_copy_ms']['value'])} "
+             f"(pinned ceiling {fmt.num(h['pinned_ceiling_gbps']['value'], 1)} GB/s)"),
+            (f"Copies while the engine decodes ({setting_text(at['chunk_bytes'], at['pace'])}, worst batch): "
+             "bandwidth / idle, slowdown of the overlapped steps", f"{fmt.num(bw['value'], 3)}, {fmt.frac_pct(slow['value'])}")]
 
 
 def _overlap(s: Shown) -> list[tuple[str, str]]:
-    h = s.headline
-    if h.get("async_swap_stall_ms") is None:
-        return [(f"Decode stall of a synchronous {h['layers_swapped']}-layer swap (no side stream on CPU)",
-                 fmt.ms(h["sync_swap_stall_ms"]))]
-    return [(f"Decode stall of a {h['layers_swapped']}-layer swap, like for like: synchronous vs side stream",
-             f"{fmt.ms(h['sync_swap_stall_ms'])} vs {fmt.ms(h['async_swap_stall_ms'])} "
-             f"(an uneventful step: {fmt.ms(h['tpot_ms_no_swap'])})")]
+    h = s.summary["headline"]
+    if "engine" not in h:  # made before chapter 4 ran on the engine
+        return []
+    t, sync = h["tpot_ratio_async_swap"], h["sync_stall_vs_copy_ratio"]
+    lo, hi = h["tpot_ratio_async_swap_ci95"] or (None, None)
+    return [(f"TPOT with side-stream swaps / without ({h['model']}, batch {t['batch']}, 95 % CI)",
+             f"{fmt.times(t['value'], 3)} ({fmt.interval(lo, hi, 3)})"),
+            ("Decode stall of a swap, synchronous control vs side stream (the same event)",
+             f"{fmt.ms(sync.get('sync_stall_ms'))} vs {fmt.ms(sync.get('side_stall_ms'))}")]
 
 
 def _burst(s: Shown) -> list[tuple[str, str]]:

@@ -79,9 +79,9 @@ def headline_values(headline: dict) -> dict:
     return {k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in headline.items()}
 
 
-def pick(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike = "results") -> Shown:
-    """Which results the page renders (see the module doc)."""
-    if not same_dir(results_root, committed_root) and is_published(cfg):
+def pick(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike | None = "results") -> Shown:
+    """Which results the page renders (see the module doc; ``committed_root=None``: this run's, whatever is committed)."""
+    if committed_root is not None and not same_dir(results_root, committed_root) and is_published(cfg):
         committed = load_summary(chapter_name, committed_root)
         if committed is not None:
             return Shown(chapter_name, committed, Path(committed_root), True,
@@ -89,7 +89,7 @@ def pick(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root
     fresh = load_summary(chapter_name, results_root)
     if fresh is None:
         raise MorphError(f"no results for chapter {chapter_name!r} in {results_root} (run the experiment cell first)")
-    return Shown(chapter_name, fresh, Path(results_root), same_dir(results_root, committed_root),
+    return Shown(chapter_name, fresh, Path(results_root), committed_root is not None and same_dir(results_root, committed_root),
                  status(chapter_name, fresh, results_root))
 
 
@@ -177,7 +177,8 @@ def show_saved(chapter_name: str, root: str | os.PathLike, title: str) -> Shown 
     return shown
 
 
-def show(chapter_name: str, cfg, results_root: str | os.PathLike, committed_root: str | os.PathLike = "results") -> Shown:
+def show(chapter_name: str, cfg, results_root: str | os.PathLike,
+         committed_root: str | os.PathLike | None = "results") -> Shown:
     """Pick the results, display their provenance (in a notebook), glue it for the page (``glue_key``) and
     return them for the charts."""
     shown = pick(chapter_name, cfg, results_root, committed_root)

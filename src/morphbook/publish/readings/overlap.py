@@ -1,73 +1,90 @@
-"""Chapter 4's readings: what the side stream saves, compared like for like.
+"""Chapter 4's readings: what a side-stream swap costs decode against the synchronous control, what INT4
+itself changes, and whether the runs were valid.
 
-A synchronous swap happens *before* its step's forward pass (which then runs the swapped layers in
-INT4); a side-stream swap is enqueued *after* it (that forward still runs in FP16). The two carrying
-steps therefore differ by the stall the side stream hides *and* by the forward's precision; the
-experiment's stalls (``*_stall_ms``: each carrying step against uneventful steps of the same
-precision) are the like-for-like comparison, and the precision gap is read from the uneventful steps.
+The synchronous control replays the side run's commits at the same step boundaries, so both decode under
+one precision schedule: their stalls compare like for like, and the precision split (quiet side-run steps
+against the no-swap run's at the same step) separates what INT4 compute changes in TPOT from overlap. A
+target reads "met" only when the run judged it (valid, on a GPU).
 """
 
 from __future__ import annotations
 
-from statistics import median
-
+from morphbook.experiments.overlap import by_label
 from morphbook.publish import fmt
+from morphbook.publish.readings.transfer import judged, valid_sentence
 from morphlib.errors import MorphError
 
 
-def plain_step_ms(steps: list[dict], mode: str, state: str) -> float | None:
-    """Median time of a run's uneventful steps (no swap carried, first step excluded) in one precision."""
-    ms = [r["ms"] for r in steps if r["mode"] == mode and r["state"] == state and not r["carried"] and r["step"] > 0]
-    return median(ms) if ms else None
+def _row(models: list[dict], model: str, batch: int) -> dict:
+    for m in models:
+        if m["model"] == model and str(batch) in m["batches"]:
+            return m["batches"][str(batch)]
+    raise MorphError(f"models.json has no {model} at batch {batch}")
 
 
-def checks_sentence(headline: dict) -> str:
-    """The side stream's tokens against the synchronous run's, and the memory a swap released (CUDA only)."""
-    parts = []
-    match = headline.get("async_tokens_match_sync")
-    if match is not None:
-        parts.append(f"The side-stream run's tokens equal the synchronous run's at {fmt.frac_pct(match)} of positions"
-                     + (" (a missing wait would show as a difference)." if match >= 1.0 else
-                        ": **they differ**, so a wait is missing or the runs are not deterministic."))
-    if headline.get("freed_mib_measured") is not None:
-        parts.append(f"A swap released {fmt.num(headline['freed_mib_measured'], 1)} MiB of device memory "
-                     f"(the FP16 minus INT4 bytes of its layers: {fmt.num(headline['freed_mib_expected'], 1)} MiB).")
-    return " ".join(parts)
+def answer_sentence(h: dict) -> str:
+    """Synchronous against side-stream: the stall each leaves in decode."""
+    sync, stall = h["sync_stall_vs_copy_ratio"], h["boundary_stall_ms"]
+    low, high = h["sync_stall_vs_copy_ratio_low"], h["sync_stall_vs_copy_ratio_high"]
+    if sync.get("event") is None:
+        return "No synchronous stall was measured."
+    ok = "met" if low.get("met") and high.get("met") else ("not judged" if low.get("met") is None else "**missed**")
+    kind, layers = sync["event"].split()
+    event = f"{layers}-layer {kind}"
+    text = (f"Synchronously, a {event} at batch {sync['batch']} stalls decode for {fmt.ms(sync['sync_stall_ms'])}, "
+            f"{fmt.times(sync['value'])} the isolated copy time of its bytes ({fmt.ms(sync['copy_ms'])}; target "
+            f"0.9–1.1×: {ok}). On the side stream the same event leaves {fmt.ms(sync['side_stall_ms'])} in its commit "
+            f"steps, and a commit step's time minus its same-state baseline is {fmt.num(stall['value'], 3, signed=True)} ms "
+            f"(median, batch {stall['batch']}; target {stall['target']} ms: {judged(stall)}).")
+    saved = None if sync["sync_stall_ms"] is None or sync["side_stall_ms"] is None else \
+        sync["sync_stall_ms"] - sync["side_stall_ms"]
+    if saved is not None:
+        text += f" The side stream takes {fmt.ms(saved)} of stall out of decode for that event."
+    return text
 
 
-def texts(stats: dict, steps: list[dict], headline: dict | None = None) -> dict[str, str]:
-    """Sentences for chapter 4 (``stats``: stats.json; ``steps``: steps.json; ``headline``: its values, for the
-    token and memory checks). Needs both the synchronous and the side-stream run (a CUDA run); on the CPU
-    fallback it says what is missing."""
-    checks = checks_sentence(headline or {})
-    if stats.get("async_swap_stall_ms") is None:
-        return {"overlap": ("This run has no side-stream swap (no CUDA streams on CPU), so it cannot say what a "
-                            "side stream hides. " + checks).strip()}
-    for key in ("sync_swap_step_ms", "async_swap_step_ms", "sync_swap_stall_ms"):
-        if stats.get(key) is None:
-            raise MorphError(f"overlap stats.json lacks {key!r}")
-    sync_step, async_step = stats["sync_swap_step_ms"], stats["async_swap_step_ms"]
-    sync_stall, async_stall = stats["sync_swap_stall_ms"], stats["async_swap_stall_ms"]
-    int4, fp16 = plain_step_ms(steps, "sync", "int4"), plain_step_ms(steps, "sync", "fp16")
-    saved = sync_stall - async_stall
-    if saved > 0:
-        hides = f"the side stream hides {fmt.ms(saved)} ({fmt.pct(100 * saved / sync_stall, 0)}) of the stall"
-    elif saved < 0:
-        hides = f"the side stream adds {fmt.ms(-saved)} to the stall instead of hiding it"
-    else:
-        hides = "the side stream hides none of it"
-    gap = sync_step - async_step
-    text = (f"The step carrying a synchronous swap takes {fmt.ms(sync_step)}, the one carrying a side-stream swap "
-            f"{fmt.ms(async_step)} ({fmt.ms(gap)} apart). The two steps differ in more than the copy: the synchronous "
-            "swap happens before its step's forward pass, which then runs the swapped layers in INT4, while the "
-            "side-stream swap is enqueued after the forward, which still runs in FP16.")
-    if int4 is not None and fp16 is not None:
-        text += (f" On Hugging Face's eager decode an INT4 forward is {'slower' if int4 > fp16 else 'faster'}: "
-                 f"uneventful steps take {fmt.ms(int4)} in INT4 against {fmt.ms(fp16)} in FP16")
-        share = (int4 - fp16) / gap if gap > 0 else 0.0
-        text += (f", so most of the {fmt.ms(gap)} is the forward's precision, not the side stream." if share >= 0.5
-                 else ".")
-    text += (f" Like for like, each carrying step against uneventful steps of the same precision, the stall is "
-             f"{fmt.ms(sync_stall)} synchronous and {fmt.ms(async_stall)} on the side stream: {hides}.")
-    return {"overlap": f"{text} {checks}".strip(), "sync_stall": fmt.ms(sync_stall), "async_stall": fmt.ms(async_stall),
-            "saved": fmt.ms(saved)}
+def tpot_sentence(h: dict) -> str:
+    t, p99 = h["tpot_ratio_async_swap"], h["p99_itl_ratio_async_swap"]
+    lo, hi = h["tpot_ratio_async_swap_ci95"] or (None, None)
+    high = h["tpot_ratio_async_swap_ci95_high"]
+    return (f"Over {t['rounds']} interleaved rounds at batch {t['batch']} (the worst), TPOT with side-stream swaps is "
+            f"{fmt.times(t['value'], 3)} that without (95 % CI {fmt.interval(lo, hi, 3)}; target: upper end "
+            f"{high['target']}: {judged(high)}); the P99 inter-token latency is {fmt.times(p99['value'], 3)} at batch "
+            f"{p99['batch']} (target {p99['target']}: {judged(p99)}).")
+
+
+def precision_sentence(h: dict, models: list[dict], block_layers: int) -> str:
+    """What INT4 compute changes at the TPOT headline's batch, and how TPOT splits into precision and overlap."""
+    batch = h["tpot_ratio_async_swap"]["batch"]
+    row = _row(models, h["model"], batch)
+    factor = row["precision_factors"].get(str(block_layers))
+    if factor is None:
+        return f"No quiet step ran with {block_layers} INT4 layers at batch {batch}: the precision split is not measured."
+    prec, over = row["tpot_ratio_side_precision_only"]["mean"], row["tpot_ratio_side_overlap_only"]["mean"]
+    faster = "faster" if factor < 1 else "slower"
+    return (f"At batch {batch} a step with {block_layers} INT4 layers is {fmt.times(factor, 3)} the 16-bit one "
+            f"({fmt.ms(row['int4_step_ms'][str(block_layers)])} against {fmt.ms(row['fp16_step_ms'])}: INT4 is {faster} "
+            f"here); of the side-stream runs' step time against no swap, the precision schedule alone accounts for "
+            f"{fmt.times(prec, 3)} and what remains, the overlap, for {fmt.times(over, 3)}.")
+
+
+def checks_sentence(h: dict) -> str:
+    valid = valid_sentence(h)
+    match = h["tokens_match"]
+    lat = h["swap_latency_ms"]
+    return (f"{valid}. The side-stream runs' greedy tokens equal the synchronous runs' at {fmt.frac_pct(match['value'])} "
+            f"of positions in the worst round (target 100 %: {judged(match)}). A swap is in use "
+            f"{fmt.ms(lat['value'])} after its request at batch {lat['batch']}, against {fmt.ms(lat['copy_plus_two_steps_ms'])} "
+            f"for its isolated copy plus two steps (target: within it: {judged(h['swap_latency_vs_copy_plus_two_steps'])}).")
+
+
+def texts(headline: dict, models: list[dict], block_layers: int) -> dict[str, str]:
+    """Sentences for chapter 4 (``headline``: summary.json's as saved; ``models``: models.json)."""
+    return {"answer": answer_sentence(headline), "tpot": tpot_sentence(headline),
+            "precision": precision_sentence(headline, models, block_layers), "checks": checks_sentence(headline)}
+
+
+def event_rows(models: list[dict]) -> list[dict]:
+    """Per model, batch and event kind, what the event cost (for the chapter's table)."""
+    return [{"model": m["model"], "batch": int(b), "event": label, **e} for m in models
+            for b, row in m["batches"].items() for label, e in by_label(row).items()]
