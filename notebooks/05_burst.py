@@ -27,7 +27,7 @@ from morphbook.publish.notebook import given, run_chapter, setup
 
 setup()
 cfg = Config.for_profile(profile, **given(traces_dir=traces_dir, replays_dir=replays_dir, workers=workers))
-shown = run_chapter("burst", run, cfg, results_root)
+shown = run_chapter("burst", run, cfg, results_root, needs="engine_replays")
 
 # %% tags=["remove-cell"]
 import tomllib
@@ -38,15 +38,10 @@ from IPython.display import Markdown, display
 
 from morphbook.publish import fmt
 from morphbook.publish.glue import glue_all
-from morphbook.publish.page import pick, provenance_text
 from morphbook.publish.readings import burst as reading
 from morphbook.publish.readings import serving
 from morphbook.publish.tables import show_table
 
-if not shown.path("preregistration.json").is_file():  # committed results made before the serving part existed
-    shown = pick("burst", cfg, results_root, committed_root=results_root)
-    display(Markdown("```{note}\nThe committed results predate this chapter's serving part: the page shows this run's "
-                     "results until the chapter is re-run.\n```\n\n" + provenance_text(shown)))
 h, p = shown.headline, shown.params
 prereg = shown.json("preregistration.json")
 plan = tomllib.loads(prereg["text"])

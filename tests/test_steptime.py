@@ -60,7 +60,7 @@ def test_benchmark_runs_on_the_cpu_engine_and_fits(tiny):
     fit = fit_step_time(bench["steps"])
     assert all(c >= 0 for c in fit.eager + fit.eager_int4 + fit.context_s + fit.seq_s)
     assert fit.report["fit"]["steps"] > 20 and fit.report["copy_steps"] > 0
-    assert copy_bandwidth(bench["ops"]) is None  # CPU copies are not timed on a device
+    assert copy_bandwidth(bench["ops"]) > 0  # CPU copies are timed by host timestamps
     with pytest.raises(MorphError, match="too few"):
         fit_step_time(bench["steps"][:3])
     llm.swap([0], wait=True)

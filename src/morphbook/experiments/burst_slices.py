@@ -171,7 +171,7 @@ def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, pr
         _close(llm)
     del llm
     release()
-    eng["copy_bandwidth"] = copy_bandwidth(bench["ops"]) or fields.get("copy_bandwidth")
+    eng["copy_bandwidth"] = _measured_bw(bench["ops"], fields, eng)
     fit, report = fit_models(bench["steps"], bench["scenarios"], fields)
     progress(f"step-time model: held-out median error {report['holdout'].get('median_abs_pct', float('nan')):.1f} %")
     traces = _traces(setting, traces_dir)
@@ -246,7 +246,7 @@ def replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays,
                                                                "median_prompt": w.median_prompt()},
                             "slo": {"ttft_s": ttft_slo, "tpot_s": tpot_slo, "multiplier": mult},
                             "orders": layer_orders, "controller_spec": spec, "engine_fields": fields,
-                            "engine": {**eng, "copy_bandwidth": _measured_bw(payload, fields)},
+                            "engine": {**eng, "copy_bandwidth": _measured_bw(payload["ops"], fields, eng)},
                             "payload": payload, "seconds": time.perf_counter() - t1}
         finally:
             _close(llm)
@@ -255,8 +255,11 @@ def replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays,
     return out
 
 
-def _measured_bw(payload: dict, fields: dict) -> float | None:
-    return copy_bandwidth(payload["ops"]) or fields.get("copy_bandwidth")
+def _measured_bw(ops: list[dict], fields: dict, eng: dict) -> float | None:
+    """The copy bandwidth the simulator should model: measured on CUDA (the copy stream's events); on CPU the
+    engine's copies land by its configured bandwidth (the same timing model as the simulator's)."""
+    measured = copy_bandwidth(ops) if eng.get("device", "").startswith("cuda") else None
+    return measured or fields.get("copy_bandwidth")
 
 
 

@@ -157,8 +157,8 @@ def run_microbench(engine, plan: BenchPlan | None = None, progress=None) -> dict
 
 
 def copy_bandwidth(ops: list[dict]) -> float | None:
-    """Host->device bytes per second of the benchmark's morph copies (device time, CUDA), median; None
-    where the copies were not timed on a device."""
+    """Bytes per second of morph copies as their records timed them (CUDA: device events; CPU: host
+    timestamps of the synchronous copies), median; None where no copy was timed."""
     bw = [op["copy_bytes"] / (op["copy_device_ms"] * 1e-3) for op in ops if op.get("copy_device_ms")]
     return float(np.median(bw)) if bw else None
 

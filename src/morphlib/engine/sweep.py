@@ -90,13 +90,16 @@ def serve(engine, trace: Trace, measured, *, controller: dict | None = None, sta
                    "grows_pool": engine.config.swap_grows_pool, "compute": engine.config.swap_compute}}
 
 
+MEASURED = ("host_ms", "copy_device_ms", "commit_device_ms")  # an op's timings by a real clock, not decisions
+
+
 def digest(payload: dict) -> str:
-    """sha256 of a payload without its host-time measurements (the ops' ``host_ms``): two replays on a virtual
-    clock that decided alike have the same digest."""
+    """sha256 of a payload without what a real clock measured (the ops' ``MEASURED`` fields): two replays on a
+    virtual clock that decided alike have the same digest."""
     import hashlib
     import json
 
-    ops = [{k: v for k, v in op.items() if k != "host_ms"} for op in payload["ops"]]
+    ops = [{k: v for k, v in op.items() if k not in MEASURED} for op in payload["ops"]]
     text = json.dumps({**payload, "ops": ops, "key": None}, sort_keys=True, default=float)
     return hashlib.sha256(text.encode()).hexdigest()
 
