@@ -1,13 +1,24 @@
 """python -m morphbook.run: experiments without notebooks, one fresh process each, results with provenance."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+
+QUICK = ["--set", "settings=[]"]  # chapter 5's trace statistics and capacity arithmetic only: seconds
+
+
+def _with_chapter2(root):
+    """Chapter 5 reads chapter 2's results: the committed ones."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "strategies", root / "strategies")
 
 
 def test_run_writes_results_and_reports_failures(tmp_path):
+    _with_chapter2(tmp_path)
     out = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),
-                          "--only", "burst"], capture_output=True, text=True, timeout=300)
+                          "--only", "burst", *QUICK], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads((tmp_path / "burst" / "summary.json").read_text())
     assert summary["provenance"]["profile"] == "cpu" and summary["provenance"]["wall_s"] >= 0
@@ -15,7 +26,7 @@ def test_run_writes_results_and_reports_failures(tmp_path):
     assert "morphbook/experiments/burst.py::run" in summary["provenance"]["fingerprint"]
     # the same run again reproduces every detail file: re-verified, not a new result
     again = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),
-                            "--one", "burst"], capture_output=True, text=True, timeout=300)  # in one process
+                            "--one", "burst", *QUICK], capture_output=True, text=True, timeout=300)  # in one process
     assert again.returncode == 0 and "re-verified at " in again.stdout, again.stdout + again.stderr
     prov = json.loads((tmp_path / "burst" / "summary.json").read_text())["provenance"]
     assert prov["date"] == summary["provenance"]["date"] and len(prov["reverified"]) == 1
@@ -33,12 +44,13 @@ def test_set_overrides_a_config_field_and_rejects_bad_input(tmp_path):
 
     assert parse_overrides(["model=gemma3-270m", "ks=[2, 4]", "n_boot=10"]) == {
         "model": "gemma3-270m", "ks": [2, 4], "n_boot": 10}
+    _with_chapter2(tmp_path)
     out = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),
-                          "--only", "burst", "--set", "window_s=36", "--set", "swap_counts=[0, 8]"],
+                          "--only", "burst", *QUICK, "--set", "poisson_trials=50", "--set", "swap_counts=[0, 8]"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     params = json.loads((tmp_path / "burst" / "summary.json").read_text())["provenance"]["params"]
-    assert params["window_s"] == 36 and list(params["swap_counts"]) == [0, 8]
+    assert params["poisson_trials"] == 50 and list(params["swap_counts"]) == [0, 8] and params["settings"] == []
     bad = subprocess.run([sys.executable, "-m", "morphbook.run", "--set", "model"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
     unknown = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),

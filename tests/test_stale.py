@@ -1,8 +1,9 @@
 """Results that stay valid while the code moves: fingerprints in results, the stale check, declared
 inputs, re-verified reruns, and saving refused when the code that ran is not the code on disk.
 
-The end-to-end tests run chapter 5 (``burst``, a few seconds on the CPU profile) in a fresh process
-on a copy of ``src/`` (``MORPHBOOK_SRC`` + ``PYTHONPATH``), then edit the copy.
+The end-to-end tests run chapter 5 (``burst``: its trace statistics and capacity arithmetic only, a few
+seconds on the CPU profile, with chapter 2's committed results as its input) in a fresh process on a copy
+of ``src/`` (``MORPHBOOK_SRC`` + ``PYTHONPATH``), then edit the copy.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def burst_run(tmp_path_factory):
     with open(src / LIBRARY, "a") as fh:
         fh.write(ADDED)
     results = base / "results"
+    shutil.copytree(SRC.parent / "results" / "strategies", results / "strategies")  # chapter 5's input
     out = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(results),
-                          "--one", "burst"], capture_output=True, text=True, timeout=600, env=_env(src), cwd=base)
+                          "--one", "burst", "--set", "settings=[]"], capture_output=True, text=True, timeout=600,
+                         env=_env(src), cwd=base)
     assert out.returncode == 0, out.stdout + out.stderr
     return src, results
 
@@ -104,8 +107,11 @@ def test_fingerprint_of_a_real_run(copy):
     ran = [n for n in fp if not n.endswith("::<module>")]
     assert "morphbook/experiments/burst.py::run" in ran and any(n.startswith("morphlib/workloads/") for n in ran)
     assert f"{LIBRARY}::<module>" in fp and f"{LIBRARY}::_fingerprint_test_never_run" not in fp
-    # chapter 5 is trace arithmetic: no INT4 kernel, model loading or morphing code ran or was loaded
-    assert not [n for n in fp if n.startswith(("morphlib/quant/", "morphlib/models.py", "morphlib/morph.py"))]
+    # chapter 5 without serving settings is trace arithmetic: its serving code (the engine, INT4 layouts) is
+    # loaded, and only loaded; no INT4 kernel, model loading or morphing code ran, and neither was loaded
+    assert not [n for n in ran if n.startswith(("morphlib/quant/", "morphlib/models.py", "morphlib/morph.py"))]
+    assert not [n for n in fp if n.startswith(("morphlib/models.py", "morphlib/morph.py"))]
+    assert "morphlib/engine/control.py::<module>" in fp
     assert not [n for n in fp if n.startswith("morphbook/publish/")]
     assert _row("burst", results).state == "ok"
 
@@ -168,8 +174,8 @@ target, results = Path(sys.argv[1]), sys.argv[2]
 original = target.read_text()
 edit = lambda: target.write_text(original.replace({old!r}, {new!r}))  # noqa: E731
 
-def run_editing_during_the_run(cfg):
-    result = burst.run(cfg)
+def run_editing_during_the_run(cfg, inputs):
+    result = burst.run(cfg, inputs)
     edit()
     return result
 
@@ -178,7 +184,7 @@ for case in ("before", "during"):
         edit()
     try:
         run_chapter("burst", burst.run if case == "before" else run_editing_during_the_run,
-                    burst.Config.for_profile("cpu"), results)
+                    burst.Config.for_profile("cpu", settings=()), results)
     except MorphError as exc:
         print(f"{{case}}: {{exc}}")
     target.write_text(original)
@@ -194,6 +200,7 @@ def test_a_notebook_holding_old_code_cannot_save(copy, tmp_path):
     script = tmp_path / "nb.py"
     script.write_text(NOTEBOOK.format(old=old, new="    _edited = 1\n" + old))
     results = tmp_path / "results"
+    shutil.copytree(SRC.parent / "results" / "strategies", results / "strategies")  # chapter 5's input
     out = subprocess.run([sys.executable, str(script), str(target), str(results)], capture_output=True,
                          text=True, timeout=300, env=_env(src), cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -243,15 +250,15 @@ def test_inputs_rerun_reverified_and_modified(tmp_path):
         load_inputs("vllm", tmp_path)
     with pytest.raises(MorphError, match=r"domains needs the results of chapter 2 \(strategies\) in .* first"):
         load_inputs("domains", tmp_path / "empty")
-    assert load_inputs("burst", tmp_path) == {}
+    assert load_inputs("sensitivity", tmp_path) == {}
 
 
 def test_a_reverifying_rerun_mends_an_edited_detail_file(tmp_path):
-    _save("burst", {"v": 1}, tmp_path)
-    (tmp_path / "burst" / "records.json").write_text("[9]")
-    assert _row("burst", tmp_path).state == "MODIFIED"
-    assert _save("burst", {"v": 1}, tmp_path).reverified_at is not None
-    assert _row("burst", tmp_path).message == "ok"
+    _save("sensitivity", {"v": 1}, tmp_path)  # a chapter without inputs
+    (tmp_path / "sensitivity" / "records.json").write_text("[9]")
+    assert _row("sensitivity", tmp_path).state == "MODIFIED"
+    assert _save("sensitivity", {"v": 1}, tmp_path).reverified_at is not None
+    assert _row("sensitivity", tmp_path).message == "ok"
 
 
 def test_status_missing_modified_and_made_before_fingerprints(tmp_path):

@@ -58,7 +58,7 @@ class Config(ProfileConfig, defaults=DEFAULTS):
     reserve_gib: float = 1.0  # activations + CUDA context, kept out of the KV budget
     poisson_trials: int = 1000  # simulations behind each Poisson peak-to-mean
     seed: int = 0
-    settings: tuple[str, ...] = ("llama7b-l4", "smollm2-kvcap")  # serving settings of the pre-registration
+    settings: tuple[str, ...] = ("llama7b-l4", "smollm2-kvcap")  # serving settings of the pre-registration (none: arithmetic only)
     replays_dir: str | None = "results/burst-replays"  # the GPU slices' records; None: measure on the CPU engine now
     include_stale: bool = False  # also use replays whose code has changed since (they are listed either way)
     sweep: str = "full"  # the simulator sweep: "full", "short" (CI) or "none"
@@ -78,10 +78,8 @@ class Config(ProfileConfig, defaults=DEFAULTS):
             raise MorphError(f"reserve_gib must be zero or more, got {self.reserve_gib!r}")
         settings = (self.settings,) if isinstance(self.settings, str) else tuple(self.settings)
         plan = load_plan()
-        for s in settings:
+        for s in settings:  # none: the trace statistics and capacity arithmetic only (seconds)
             plan.setting(s)
-        if not settings:
-            raise MorphError("settings must name at least one setting of the pre-registration")
         object.__setattr__(self, "settings", settings)
         if self.sweep not in ("full", "short", "none"):
             raise MorphError(f"sweep must be 'full', 'short' or 'none', got {self.sweep!r}")
@@ -370,8 +368,8 @@ def verdict(plan: Plan, settings: dict) -> dict:
 def comparison(plan: Plan, settings: dict) -> list[dict]:
     """The paper's headline beside ours, and a row for every difference in setup."""
     v = plan.data["verdict"]
-    name = v["setting"] if v["setting"] in settings else next(iter(settings))
-    s = settings[name]
+    name = v["setting"] if v["setting"] in settings else next(iter(settings), v["setting"])
+    s = settings.get(name, {"label": plan.setting(name).label})
     cells = s.get("cells") or {}
     ours = []
     for key, c in sorted(cells.items()):
