@@ -292,4 +292,4 @@ def test_bench_engine_cli_says_it_needs_a_gpu(capsys):
         main(["bench-engine"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: bench-engine needs a CUDA GPU"
+    assert err == "error: bench-engine needs a CUDA GPU (--device cpu runs its correctness measure only, small)"
