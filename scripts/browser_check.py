@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
-"""Open every page of the built book in headless Chromium and fail pages that are not self-contained.
+"""Open every page of the built book in headless Chromium at 1280 px and fail pages that are not
+self-contained or not readable.
 
     python scripts/browser_check.py [--html _build/src/_build/html] [--screenshots _build/screenshots]
 
 The site is served on 127.0.0.1 by Python's http.server. A page fails when: a request goes to any
 other host (intercepted and aborted), a JavaScript error is raised or logged (except the benign
 "Identifier 'THEBE_JS_URL' has already been declared" of every Jupyter Book 1 page), a local
-request fails or returns >= 400 (except /favicon.ico), an <img> has not loaded, or an Altair chart
-container (div#altair-viz-*) has no rendered svg/canvas. Prints one line per page and finally
-'N passed, N failed'; exit status 1 if any page failed. Uses the system chromium; never downloads
-a browser.
+request fails or returns >= 400 (except /favicon.ico), an <img> has not loaded, an Altair chart
+container (div#altair-viz-*) has no rendered svg/canvas, and, for what a reader reads:
+
+* rendered text **overflows its column** (an element sticks out of the article, or a box of
+  text or a table scrolls sideways); folded code is not counted;
+* a table, or the introduction's "Results at a glance" box, shows a **raw key**: a ``snake_case``
+  word outside ``code``, or a result's headline key (two underscores or more) with its underscores
+  turned to spaces (``--results``: where those keys are read);
+* a chart has an **axis without a title** (an axis with labels but no title, in the SVG vega draws).
+
+Full-page screenshots of the introduction, the benchmarks page and every chapter go to
+``--screenshots``. Prints one line per page and finally 'N passed, N failed'; exit status 1 if any
+page failed. Uses the system chromium; never downloads a browser.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import argparse
 import faulthandler
 import functools
 import http.server
+import json
+import re
 import sys
 import tempfile
 import threading
@@ -36,6 +48,54 @@ CHARTS_JS = """() => Array.from(document.querySelectorAll('div[id^="altair-viz-"
   id: d.id, ok: !!d.querySelector('svg, canvas') && !d.querySelector('.error')}))"""
 IMAGES_JS = """() => Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)
   .map(i => i.getAttribute('src'))"""
+WIDTH, HEIGHT = 1280, 900
+COLUMN = "article.bd-article"
+KEY_LIKE = r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b"
+
+# Elements of the article column whose box must stay inside it, and boxes that must not scroll sideways.
+OVERFLOW_JS = """(column) => {
+  const col = document.querySelector(column);
+  if (!col) return [];
+  const box = col.getBoundingClientRect(), pad = getComputedStyle(col), out = [];
+  const c = {left: box.left + parseFloat(pad.paddingLeft), right: box.right - parseFloat(pad.paddingRight)};  // the text column
+  const name = el => el.tagName.toLowerCase() + (el.id ? '#' + el.id : '') +
+    (el.className && typeof el.className === 'string' ? '.' + el.className.trim().split(/\\s+/)[0] : '');
+  const text = el => (el.innerText || el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 60);
+  const shown = el => { const r = el.getBoundingClientRect(); const st = getComputedStyle(el);
+    return r.width > 0 && r.height > 0 && st.visibility !== 'hidden' && st.display !== 'none'; };
+  for (const el of col.querySelectorAll('p, li, dt, dd, pre, table, caption, h1, h2, h3, h4, blockquote, ' +
+                                       '.admonition, .cell_output, .output, svg, img, .vega-embed, .math, div')) {
+    if (!shown(el) || el.closest('details:not([open]) > :not(summary)')) continue;
+    const r = el.getBoundingClientRect(), st = getComputedStyle(el);
+    if (el.tagName !== 'DIV' && (r.right > c.right + 2 || r.left < c.left - 2)) {
+      out.push(`${name(el)} sticks out of the column by ${Math.round(Math.max(r.right - c.right, c.left - r.left))} px: "${text(el)}"`);
+    } else if (['auto', 'scroll'].includes(st.overflowX) && el.scrollWidth > el.clientWidth + 2) {
+      out.push(`${name(el)} scrolls sideways (${el.scrollWidth} px in ${el.clientWidth}): "${text(el)}"`);
+    }
+  }
+  return out;
+}"""
+
+# Text of table cells and of the glance box, without the code inside them.
+READABLE_JS = """(column) => {
+  const col = document.querySelector(column);
+  if (!col) return [];
+  const out = [];
+  for (const el of col.querySelectorAll('table th, table td, table caption, .admonition.tip li, .admonition.tip p')) {
+    const copy = el.cloneNode(true);
+    copy.querySelectorAll('code, pre, .math').forEach(c => c.remove());
+    const t = (copy.textContent || '').replace(/\\s+/g, ' ').trim();
+    if (t) out.push(t);
+  }
+  return out;
+}"""
+
+# Axes that show labels but no title, per rendered chart.
+AXES_JS = """() => Array.from(document.querySelectorAll('div[id^="altair-viz-"]')).flatMap(d =>
+  Array.from(d.querySelectorAll('g.role-axis')).filter(a =>
+    Array.from(a.querySelectorAll('g.role-axis-label text')).some(t => t.textContent.trim()) &&
+    !Array.from(a.querySelectorAll('g.role-axis-title text')).some(t => t.textContent.trim()))
+  .map(a => d.id))"""
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -60,7 +120,39 @@ def pages_of(html_dir: Path) -> list[str]:
                   if not skip & set(p.relative_to(html_dir).parts))
 
 
-def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None, redirect: bool = False) -> list[str]:
+def result_keys(results: Path) -> list[str]:
+    """Headline keys of every summary.json under ``results`` with two underscores or more, underscores as spaces."""
+    keys = set()
+    for path in results.rglob("summary.json"):
+        try:
+            headline = json.loads(path.read_text(encoding="utf-8")).get("headline") or {}
+        except (OSError, ValueError):
+            continue
+        keys |= {k.replace("_", " ") for k in headline if k.count("_") >= 2}
+    return sorted(keys)
+
+
+def raw_keys(texts: list[str], spaced_keys: list[str]) -> list[str]:
+    """The raw keys in a page's table and findings texts: snake_case words, or result keys with spaces."""
+    found = []
+    for text in texts:
+        found += re.findall(KEY_LIKE, text)
+        low = text.lower()
+        found += [k for k in spaced_keys if re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", low)]
+    return list(dict.fromkeys(found))
+
+
+def reader_problems(page, spaced_keys: list[str]) -> list[str]:
+    """What a reader would trip over: overflowing text, raw keys in tables or findings, untitled chart axes."""
+    problems = [f"overflow: {o}" for o in page.evaluate(OVERFLOW_JS, COLUMN)[:5]]
+    problems += [f"raw key in a table or the findings: {k}" for k in raw_keys(page.evaluate(READABLE_JS, COLUMN),
+                                                                               spaced_keys)[:5]]
+    problems += [f"chart axis without a title: #{c}" for c in dict.fromkeys(page.evaluate(AXES_JS))]
+    return problems
+
+
+def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None, redirect: bool = False,
+               spaced_keys: list[str] | None = None) -> list[str]:
     problems: list[str] = []
     page = context.new_page()
 
@@ -107,6 +199,7 @@ def check_page(context, base: str, rel: str, timeout_s: float, shot: Path | None
         charts = page.evaluate(CHARTS_JS)
         problems += [f"chart not rendered: #{c['id']}" for c in charts if not c["ok"]]
         problems += [f"image not loaded: {src}" for src in page.evaluate(IMAGES_JS)]
+        problems += reader_problems(page, spaced_keys or [])
         if shot is not None:
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
@@ -121,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--html", default=str(ROOT / "_build" / "src" / "_build" / "html"))
     ap.add_argument("--screenshots", default=str(ROOT / "_build" / "screenshots"))
+    ap.add_argument("--results", default=str(ROOT / "results"), help="where the result keys checked for are read")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per page")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="whole-run watchdog: dump stacks and exit")
     args = ap.parse_args(argv)
@@ -134,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
+    spaced_keys = result_keys(Path(args.results))
     server, base = serve(html_dir)
     external: list[str] = []
     passed = failed = 0
@@ -141,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="morphbook-chromium-") as profile:
             context = pw.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=FLAGS, service_workers="block")
+                profile, executable_path=CHROMIUM, headless=True, args=FLAGS, service_workers="block",
+                viewport={"width": WIDTH, "height": HEIGHT})
 
             def route(r):
                 u = urlparse(r.request.url)
@@ -157,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 shot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
                 text = (html_dir / rel).read_text(encoding="utf-8", errors="replace")[:2000].lower()
                 redirect = 'http-equiv="refresh"' in text
-                problems = check_page(context, base, rel, args.timeout, shot if _wants_shot(rel) else None, redirect)
+                problems = check_page(context, base, rel, args.timeout, shot if _wants_shot(rel) else None, redirect,
+                                      spaced_keys)
                 problems += [f"external request blocked: {u}" for u in dict.fromkeys(external)]
                 bad = [p for p in problems if not p.startswith("(")]
                 if bad:
@@ -169,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             context.close()
     finally:
         server.shutdown()
-    print(f"checked in {time.perf_counter() - t0:.1f} s; screenshots in {args.screenshots}")
+    print(f"checked in {time.perf_counter() - t0:.1f} s; screenshots ({WIDTH} px wide) in {args.screenshots}")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
 def _wants_shot(rel: str) -> bool:
-    """The intro page and every chapter page get a full-page screenshot."""
-    return rel.endswith("intro.html") or rel.startswith("notebooks/")
+    """The intro page, the benchmarks page and every chapter page get a full-page screenshot."""
+    return rel.endswith(("intro.html", "benchmarks.html")) or rel.startswith("notebooks/")
 
 
 if __name__ == "__main__":

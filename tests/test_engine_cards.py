@@ -47,3 +47,33 @@ def test_llama_7b_on_an_l4_gives_the_arithmetics_block_count():
     assert sim.layout.main_blocks == engine and sim.budget == get_card("L4").budget_bytes
     # 16 swapped layers: the tails the arithmetic counts are the engine's tail groups
     assert 16 * layout.tail_blocks == kvcache.extra_blocks("llama-2-7b", 16)
+
+
+def test_budget_cap_names_the_device_index(monkeypatch):
+    """torch's memory-fraction calls need a device index: an engine built on plain "cuda" must pass the
+    current device's (seen on an H200: ValueError for torch.device('cuda'))."""
+    import types
+
+    import torch
+
+    from morphlib.engine.llm import LLM
+
+    calls = []
+
+    def needs_index(device=None):
+        if not isinstance(device, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        return 1.0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=100 << 30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", needs_index)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, needs_index(d))))
+    class Fake:  # weak-referenceable, unlike SimpleNamespace
+        device, _reserved0 = torch.device("cuda"), 0
+
+    fake = Fake()
+    LLM._enforce(fake, 10 << 30)
+    assert calls and calls[0][0] == 0.1 and fake.memory_limit == 10 << 30
+    fake._release()  # restores the fraction through the same index
+    assert len(calls) == 2

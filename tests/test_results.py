@@ -1,4 +1,5 @@
-"""Results on disk, provenance, which results a page shows, banners, the findings table."""
+"""Results on disk, provenance, which results a page shows (the page's provenance sentence, the glance box
+and the findings table are tested in test_presentation.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morphbook.chapters import CHAPTERS
 from morphbook.experiments.base import Result
 from morphbook.publish import page, store
 from morphbook.publish.files import atomic_write_json, atomic_write_text
-from morphbook.publish.findings import findings_markdown, format_value, table_entries
 from morphbook.publish.provenance import gpu_kind, provenance
 from morphbook.publish.store import load_summary
 from morphlib import fingerprint
@@ -154,70 +153,12 @@ def test_page_shows_committed_only_for_the_published_configuration(tmp_path):
     # a reader's own model: the page shows the reader's numbers, labelled as this run's
     own = page.pick("burst", FakeConfig("cpu", model="my/model"), fresh, committed)
     assert (own.summary["headline"], own.committed) == ({"v": 1}, False)
-    assert "**this run's results**" in page.banner(own)
+    assert "**this run's results**" in page.provenance_text(own)
     # a run that writes the committed results shows its own
     shown = page.pick("burst", FakeConfig("gpu"), committed, committed)
     assert shown.summary["headline"] == {"v": 2} and shown.committed
     with pytest.raises(MorphError, match="no results"):
         page.pick("vllm", FakeConfig("cpu"), fresh, committed)
-
-
-def _shown(root, profile, device, edit=None):
-    save_summary("strategies", {**PARAMS, "profile": profile}, {"v": 1}, root, extra_files={"r.json": [1]})
-    path = root / "strategies" / "summary.json"
-    data = json.loads(path.read_text())
-    data["provenance"].update(device=device, git={"commit": "abcdef123456", "dirty": profile == "cpu"})
-    if edit == "stale":
-        data["provenance"]["fingerprint"] = FINGERPRINT
-    path.write_text(json.dumps(data))
-    if edit == "modified":
-        (root / "strategies" / "r.json").write_text("[2]")
-    return page.pick("strategies", FakeConfig(profile), root, root)
-
-
-def test_banner_kinds(tmp_path):
-    gpu = page.banner(_shown(tmp_path / "a", "gpu", "NVIDIA H100 80GB HBM3"))
-    assert gpu.startswith("```{note}") and "**GPU profile, NVIDIA H100 80GB HBM3**" in gpu and "commit abcdef1" in gpu
-    cpu = page.banner(_shown(tmp_path / "b", "cpu", "cpu"))
-    assert cpu.startswith("```{warning}") and "**CPU profile** (small parameters, for CI)" in cpu and "abcdef1+dirty" in cpu
-    old = page.banner(_shown(tmp_path / "c", "gpu", "NVIDIA H200", edit="stale"))
-    assert old.startswith("```{danger}") and "**Stale results**" in old and "**commit abcdef1**" in old
-    edited = page.banner(_shown(tmp_path / "d", "gpu", "NVIDIA H200", edit="modified"))
-    assert edited.startswith("```{danger}") and "**Modified results**" in edited and "r.json" in edited
-
-
-def test_format_value():
-    assert format_value(3.14159265) == "3.142"
-    assert format_value(12345) == "12,345"
-    assert format_value({"value": 0.5, "unit": "ms"}) == "0.5 ms"
-    assert format_value(None) == "n/a" and format_value(True) == "yes"
-    assert format_value("a|b") == "a\\|b"
-    assert format_value({"value": 2, "unit": " GB/s"}) == "2 GB/s"
-
-
-def test_table_entries_skip_nested_tables():
-    head = {"a": 1, "per_k": {"1": 0.5, "2": 0.7}, "b": {"value": 2}}
-    assert list(table_entries(head)) == ["a", "b"]
-    assert list(table_entries({"ceiling_gbps": 1, "zzz": 2}, "transfer")) == ["ceiling_gbps"]
-
-
-def test_findings_table(tmp_path):
-    fresh, committed = tmp_path / "fresh", tmp_path / "results"
-    save_summary("sensitivity", PARAMS, {"worst_layer": 3, "cost": {"value": 1.234567, "unit": "%", "label": "Mean cost"}}, fresh)
-    save_summary("burst", {**PARAMS, "profile": "gpu"}, {"p95_ttft": 2.0}, committed)
-    prov = json.loads((committed / "burst" / "summary.json").read_text())
-    prov["provenance"]["fingerprint"] = FINGERPRINT  # pretend the code changed since
-    prov["provenance"]["gpu"] = "H100"
-    (committed / "burst" / "summary.json").write_text(json.dumps(prov))
-    md = findings_markdown(fresh, committed, present={"sensitivity", "burst"})
-    rows = md.strip().splitlines()
-    assert rows[0] == "| chapter | figure | value | source |"
-    assert len(rows) == 2 + 2 + 1 + len(CHAPTERS) - 2
-    assert "| Mean cost | 1.235 % | CPU profile," in md
-    assert "{doc}`Layer sensitivity to INT4 </notebooks/01_sensitivity>`" in md
-    burst = next(r for r in rows if "p95 ttft" in r)
-    assert "H100" in burst and "**STALE**" in burst
-    assert "| 6. Swapping inside vLLM | no results yet |" in md
 
 
 def test_vega_bundle_sets_altair_versions():

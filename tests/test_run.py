@@ -15,7 +15,7 @@ def test_run_writes_results_and_reports_failures(tmp_path):
     assert "morphbook/experiments/burst.py::run" in summary["provenance"]["fingerprint"]
     # the same run again reproduces every detail file: re-verified, not a new result
     again = subprocess.run([sys.executable, "-m", "morphbook.run", "--profile", "cpu", "--results", str(tmp_path),
-                            "--only", "burst"], capture_output=True, text=True, timeout=300)
+                            "--one", "burst"], capture_output=True, text=True, timeout=300)  # in one process
     assert again.returncode == 0 and "re-verified at " in again.stdout, again.stdout + again.stderr
     prov = json.loads((tmp_path / "burst" / "summary.json").read_text())["provenance"]
     assert prov["date"] == summary["provenance"]["date"] and len(prov["reverified"]) == 1

@@ -246,6 +246,14 @@ def test_inputs_rerun_reverified_and_modified(tmp_path):
     assert load_inputs("burst", tmp_path) == {}
 
 
+def test_a_reverifying_rerun_mends_an_edited_detail_file(tmp_path):
+    _save("burst", {"v": 1}, tmp_path)
+    (tmp_path / "burst" / "records.json").write_text("[9]")
+    assert _row("burst", tmp_path).state == "MODIFIED"
+    assert _save("burst", {"v": 1}, tmp_path).reverified_at is not None
+    assert _row("burst", tmp_path).message == "ok"
+
+
 def test_status_missing_modified_and_made_before_fingerprints(tmp_path):
     _save("strategies", {"ppl": 40.1}, tmp_path)
     assert _row("strategies", tmp_path).state == "ok"

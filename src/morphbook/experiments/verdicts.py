@@ -22,21 +22,54 @@ from morphlib.eval.stats import paired_comparison, pooled_win_rate
 
 def paired_by_k(nll: dict[str, np.ndarray], ks: list[int], best_scattered: dict[int, str],
                 n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Per k: calibrated block vs greedy LIS, and vs the best scattered strategy (chosen on calibration)."""
+    """Per k: calibrated block vs greedy LIS, and vs the best scattered strategy (chosen on calibration), with
+    the win rate's bootstrap CI over windows."""
     rows = []
     for k in ks:
         for role, other in (("greedy LIS", "greedy_lis"), ("best scattered", best_scattered[k])):
             cmp = paired_comparison(nll[f"block/{k}"], nll[f"{other}/{k}"], n_boot, seed)
-            rows.append({"k": k, "versus": role, "other": other, **cmp})
+            rows.append({"k": k, "versus": role, "other": other, **cmp,
+                         "win_rate_ci95": pooled(nll, [k], other, n_boot, seed)["ci95"]})
     return rows
 
 
+def _at(strategy: str | dict[int, str], k: int) -> str:
+    return strategy[k] if isinstance(strategy, dict) else strategy
+
+
 def pooled(nll: dict[str, np.ndarray], ks: list[int], other: str | dict[int, str], n_boot: int = 2000,
-           seed: int = 0) -> dict:
-    """Pooled win rate of the calibrated block over ``other`` (a strategy, or one per k)."""
-    name = (lambda k: other[k]) if isinstance(other, dict) else (lambda k: other)
-    diffs = np.stack([nll[f"block/{k}"] - nll[f"{name(k)}/{k}"] for k in ks], axis=1)
+           seed: int = 0, first: str = "block") -> dict:
+    """Pooled win rate of ``first`` (default: the calibrated block) over ``other`` (a strategy, or one per k)."""
+    diffs = np.stack([nll[f"{first}/{k}"] - nll[f"{_at(other, k)}/{k}"] for k in ks], axis=1)
     return pooled_win_rate(diffs, n_boot, seed)
+
+
+def pooled_effect(nll: dict[str, np.ndarray], ks: list[int], other: str | dict[int, str], n_boot: int = 2000,
+                  seed: int = 0, first: str = "block") -> dict:
+    """Held-out perplexity of ``first`` relative to ``other`` pooled over k, in percent (the geometric mean of
+    the per-k perplexity ratios, minus 1; negative: ``first`` is better), with its paired bootstrap CI over windows."""
+    mean_over_k = lambda strategy: np.mean([nll[f"{_at(strategy, k)}/{k}"] for k in ks], axis=0)  # noqa: E731
+    cmp = paired_comparison(mean_over_k(first), mean_over_k(other), n_boot, seed)
+    return {"effect_ppl_pct": cmp["effect_ppl_pct"], "effect_ci95": cmp["effect_ci95"], "windows": cmp["n"]}
+
+
+def pooled_versus(nll: dict[str, np.ndarray], ks: list[int], other: str | dict[int, str], n_boot: int = 2000,
+           seed: int = 0, first: str = "block") -> dict:
+    """``pooled`` and ``pooled_effect`` in one dict: win rate, its CI and sign test; perplexity effect and its CI."""
+    return {**pooled(nll, ks, other, n_boot, seed, first), **pooled_effect(nll, ks, other, n_boot, seed, first)}
+
+
+def verdict_middle_third(cmp: dict) -> str:
+    """The block chosen inside the middle third vs the calibrated block (``pooled_versus(..., first=middle third)``),
+    by the rule of "contiguous >= LIS": a side wins when the win rate's CI excludes 0.5 and p < 0.05."""
+    (lo, hi), p = cmp["ci95"], cmp["sign_test_p"]
+    size = (f"win rate {cmp['win_rate']:.2f}, p={p:.2g}; held-out perplexity {cmp['effect_ppl_pct']:+.2f} % "
+            f"[{cmp['effect_ci95'][0]:+.2f}, {cmp['effect_ci95'][1]:+.2f}]")
+    if lo > 0.5 and p < 0.05:
+        return f"the middle-third block beats the calibrated block ({size})"
+    if hi < 0.5 and p < 0.05:
+        return f"the calibrated block beats the middle-third block ({size})"
+    return f"no detectable difference between the middle-third and the calibrated block ({size})"
 
 
 def verdict_contiguous(pool: dict, rows: list[dict], versus: str) -> str:

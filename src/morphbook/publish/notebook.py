@@ -12,7 +12,7 @@ import os
 from morphbook.publish.inputs import call_run, load_inputs
 from morphbook.publish.page import Shown, show
 from morphbook.publish.plotting import setup_altair
-from morphbook.publish.store import save_result
+from morphbook.publish.store import load_summary, save_result
 from morphlib import fingerprint
 from morphlib.errors import install_notebook_handler
 
@@ -28,9 +28,11 @@ def given(**params) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "results") -> Shown:
+def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "results", needs: str | None = None) -> Shown:
     """Run the experiment (``run(cfg, inputs)`` when the chapter declares inputs: they are read from
     ``results_root``), save its results with provenance, then show the page's results and banner.
+    ``needs``: a headline key the page draws on; committed results without it (made by an earlier version
+    of the chapter) are not shown, this run's are.
 
     The fingerprint is recorded around the run; the kernel imported the experiment earlier, so saving
     also refuses when the kernel holds code older than the files (restart the kernel and re-run)."""
@@ -39,4 +41,6 @@ def run_chapter(chapter_name: str, run, cfg, results_root: str | os.PathLike = "
         result = call_run(chapter_name, run, cfg, inputs)
     saved = save_result(chapter_name, result, results_root, recording=rec, inputs=inputs)
     print(f"{chapter_name}: {cfg.profile} profile; {saved.describe(result.wall_s)}")
-    return show(chapter_name, cfg, results_root)
+    committed = load_summary(chapter_name) if needs is not None else None
+    drawable = committed is None or needs in committed["headline"]
+    return show(chapter_name, cfg, results_root, "results" if drawable else None)

@@ -43,12 +43,35 @@ def setup_altair(mode: str | None = None) -> str:
     if mode not in ("html", "svg"):
         raise MorphError(f"altair mode must be 'html' or 'svg', got {mode!r}")
     alt.renderers.enable(mode)
-    alt.renderers.set_embed_options(actions=False)
+    # SVG, not canvas: crisp at any zoom, and the browser check can read each axis and its title
+    alt.renderers.set_embed_options(actions=False, renderer="svg")
     if THEME not in alt.theme.names():
         alt.theme.register(THEME, enable=False)(_theme)
     alt.theme.enable(THEME)
     alt.data_transformers.enable("default", max_rows=20000)
     return mode
+
+
+def heatmap(frame, x: str, y: str, value: str, order: list[str], legend: str, x_title: str, y_title: str,
+            title: str, domain=(-1, 1), scheme: str = "redblue", digits: int = 2, cell: int = 40,
+            y_order: list[str] | None = None):
+    """A labelled heat map whose numbers stay legible: white text on the dark ends of the scale, black in
+    between, a font that fits the cell, every axis titled. ``order``: the x categories (and the y ones
+    unless ``y_order`` is given)."""
+    y_order = order if y_order is None else y_order
+    import altair as alt
+
+    lo, hi = domain
+    dark = alt.expr.abs((alt.datum[value] - (lo + hi) / 2) / ((hi - lo) / 2)) > 0.6
+    base = alt.Chart(frame).encode(x=alt.X(f"{x}:N", sort=order, title=x_title, axis=alt.Axis(labelAngle=-40)),
+                                   y=alt.Y(f"{y}:N", sort=y_order, title=y_title))
+    rect = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(domain=list(domain), scheme=scheme),
+                                                   title=legend),
+                                   tooltip=[x, y, alt.Tooltip(f"{value}:Q", format=f".{digits}f")])
+    text = base.mark_text(fontSize=max(9, min(13, cell // 3))).encode(
+        text=alt.Text(f"{value}:Q", format=f".{digits}f"),
+        color=alt.condition(dark, alt.value("white"), alt.value("black")))
+    return (rect + text).properties(width=cell * len(order), height=cell * len(y_order), title=title)
 
 
 def vega_versions() -> dict:

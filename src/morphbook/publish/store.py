@@ -93,15 +93,15 @@ def save_result(chapter_name: str, result: Result, results_root: str | os.PathLi
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         files = {name: file_record(write_result_file(staging / name, obj)) for name, obj in (result.files or {}).items()}
-        old = _raw_summary(out_dir / SUMMARY_NAME)
-        if old is not None and (old["provenance"].get("files") or {}) == files and (
-                dumps_json(_what_it_says(old["headline"])) == dumps_json(_what_it_says(headline))):
-            return _reverify(out_dir / SUMMARY_NAME, old, prov)
-        for name in sorted(files):
+        for name in sorted(files):  # (a re-verification rewrites them too: the same bytes, mended if edited)
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    old = _raw_summary(out_dir / SUMMARY_NAME)
+    if old is not None and (old["provenance"].get("files") or {}) == files and (
+            dumps_json(_what_it_says(old["headline"])) == dumps_json(_what_it_says(headline))):
+        return _reverify(out_dir / SUMMARY_NAME, old, prov)
     prov["files"] = dict(sorted(files.items()))
     return Saved(atomic_write_json(out_dir / SUMMARY_NAME, {"provenance": prov, "headline": headline}))
 

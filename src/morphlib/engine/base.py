@@ -7,6 +7,7 @@ controller and step hooks, requests, swap / restore, trace replay and ``reset``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -181,6 +182,23 @@ class Engine:
             stalled = 0 if moved or not core.idle else stalled + 1
             if stalled > 1:
                 raise MorphError("a morph operation makes no progress on an idle engine")
+
+    COPY_SETTINGS = ("swap_mode", "copy_chunk_bytes", "copy_pace")
+
+    def configure_copies(self, **changes) -> None:
+        """Change how the morph copies issued from now on move (``swap_mode``, ``copy_chunk_bytes``,
+        ``copy_pace``; checked as ``EngineConfig`` checks them), so that one engine can measure several copy
+        settings without being rebuilt; refused while a swap or restore is pending."""
+        unknown = sorted(set(changes) - set(self.COPY_SETTINGS))
+        if unknown:
+            raise MorphError(f"configure_copies: unknown setting(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(self.COPY_SETTINGS)}")
+        if self.core.morph.busy:
+            raise MorphError("configure_copies: refused while a swap or restore is pending (wait_morph first)")
+        cfg = dataclasses.replace(self.config, **changes)
+        self.config = self.core.config = cfg
+        self.core.copies.configure(cfg.swap_mode, cfg.copy_chunk_bytes)
+        self.core.pace = cfg.copy_pace
 
     def precapture(self, order=None) -> float:
         """Capture decode graphs ahead for the states a fixed swap order passes through (the simulator and

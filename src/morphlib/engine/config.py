@@ -62,7 +62,9 @@ class EngineConfig:
         (the whole copy on the compute stream at the boundary, committed at the same boundary: the
         control that stalls decode).
     copy_chunk_bytes / copy_pace: side-stream copy pieces, and the fraction of the last step's time (times
-        the copy bandwidth) that the copies enqueued after one step may take.
+        the copy bandwidth) that the copies enqueued after one step may take (None: unpaced, every queued
+        chunk is sent after the next step's launch). ``Engine.configure_copies`` changes these and
+        ``swap_mode`` on a built engine.
     copy_bandwidth: host->device bytes/s assumed before any copy was measured (CUDA; then measured) and
         used by the modelled copies of the simulator and of a CPU engine (None: ``card``'s PCIe bandwidth;
         on CPU without a card, copies land at once).
@@ -97,7 +99,7 @@ class EngineConfig:
     admission_watermark: float = 0.0
     swap_mode: str = "side"
     copy_chunk_bytes: int = 16 << 20
-    copy_pace: float = 0.8
+    copy_pace: float | None = 0.8
     copy_bandwidth: float | None = None
     swap_grows_pool: bool = True
     swap_compute: str = "int4"
@@ -142,7 +144,8 @@ class EngineConfig:
                 raise MorphError(f"EngineConfig.{name} {getattr(self, name)!r} is not one of {allowed}")
         _fraction("workspace_margin", self.workspace_margin, 0, 4)
         _fraction("admission_watermark", self.admission_watermark, 0, 0.5)
-        _fraction("copy_pace", self.copy_pace, 0.01, 1)
+        if self.copy_pace is not None:
+            _fraction("copy_pace", self.copy_pace, 0.01, 1)
         if self.copy_bandwidth is not None:
             _fraction("copy_bandwidth", self.copy_bandwidth, 1e6, 1e13)
         for name in ("enforce_budget", "restore_migrate", "no_admit_after_preempt", "swap_grows_pool",

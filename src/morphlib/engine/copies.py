@@ -22,7 +22,9 @@ Backends:
   side mode uses a copy stream and events (landed = the last chunk's event has completed, polled, never
   waited on), the sync mode the compute stream, and the bandwidth is measured from the events.
   It also makes the commit copy (staging -> head, device to device, on the compute stream) and the KV
-  block migrations of a restore.
+  block migrations of a restore. Every chunk and commit is timed: CUDA events, or on CPU host timestamps
+  (``HostEvent``, the same ``elapsed_time``), so ``MorphOp.copy_ms`` / ``span_ms`` / ``commit_ms`` exist
+  on both; an op's ``host_ms`` counts its issue, the sending of its chunks and its commit.
 """
 
 from __future__ import annotations
@@ -94,9 +96,16 @@ class SimulatedCopies:
     def migrate(self, runs: list[tuple[int, int, int]]) -> None:
         """KV block migration (src offset, dst offset, bytes) runs: nothing to do without bytes."""
 
-    def budget(self, pace: float, last_step_s: float) -> float:
-        """Bytes one step may send in side mode: ``pace`` x bandwidth x the last step's time."""
-        return float("inf") if self.bandwidth is None else pace * self.bandwidth * last_step_s
+    def budget(self, pace: float | None, last_step_s: float) -> float:
+        """Bytes one step may send in side mode: ``pace`` x bandwidth x the last step's time (no limit when
+        ``pace`` is None: unpaced)."""
+        if pace is None or self.bandwidth is None:
+            return float("inf")
+        return pace * self.bandwidth * last_step_s
+
+    def configure(self, mode: str, chunk_bytes: int) -> None:
+        """Copy mode and chunk size of the operations issued from now on."""
+        self.mode, self.sync, self.chunk_bytes = mode, mode == "sync", chunk_bytes
 
     def reset(self) -> None:
         self.queue.clear()
@@ -124,6 +133,25 @@ class SimulatedCopies:
 
     def _landed(self, op, now: float) -> bool:
         return now >= op.landed_at
+
+
+class HostEvent:
+    """A CPU stand-in for a CUDA timing event: the ``time.perf_counter`` time at which it was made."""
+
+    __slots__ = ("t",)
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        """Milliseconds from this event to ``end`` (as ``torch.cuda.Event.elapsed_time``)."""
+        return 1e3 * (end.t - self.t)
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
 
 
 class DeviceCopies(SimulatedCopies):
@@ -161,10 +189,14 @@ class DeviceCopies(SimulatedCopies):
         op.host_ms += 1e3 * (time.perf_counter() - t0)
 
     def _move(self, op, chunks) -> None:
+        t0 = time.perf_counter()
         host = {"int4": self.int4_host, "fp16": self.fp16_host}
-        if not self.cuda:
+        if not self.cuda:  # synchronous memcpy, timed by host timestamps (the CPU's "device time")
             for dst, src, layer, off, n in chunks:
+                start = HostEvent()
                 self.arena.buf[dst:dst + n].copy_(host[src][layer][off:off + n])
+                op.events.append((start, HostEvent()))
+            op.host_ms += 1e3 * (time.perf_counter() - t0)
             return
         stream = torch.cuda.current_stream(self.device) if self.sync else self.stream
         with torch.cuda.stream(stream):
@@ -177,6 +209,7 @@ class DeviceCopies(SimulatedCopies):
                 self.arena.buf[dst:dst + n].copy_(host[src][layer][off:off + n], non_blocking=True)
                 end.record()
                 op.events.append((start, end))
+        op.host_ms += 1e3 * (time.perf_counter() - t0)
 
     def _landed(self, op, now: float) -> bool:
         if not self.cuda:
@@ -215,7 +248,9 @@ class DeviceCopies(SimulatedCopies):
             if ms:  # the copies' measured bandwidth paces the next ones
                 self.bandwidth = 0.5 * self.bandwidth + 0.5 * op.copy_bytes / (ms * 1e-3)
         else:
+            s = HostEvent()
             buf[dst:dst + nbytes].copy_(buf[src:src + nbytes])
+            op.commit_events = (s, HostEvent())
         op.host_ms += 1e3 * (time.perf_counter() - t0)
 
     def migrate(self, runs: list[tuple[int, int, int]]) -> None:

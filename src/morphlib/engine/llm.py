@@ -185,11 +185,12 @@ class LLM(Engine):
         if limit > total:
             raise MorphError(f"memory budget {_size(nbytes)} does not fit on {torch.cuda.get_device_name(dev)} "
                              f"({_size(total)}, {_size(self._reserved0)} already held by this process)")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()  # the fraction API wants one
         getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        before = getter(dev) if getter is not None else 1.0
-        torch.cuda.set_per_process_memory_fraction(limit / total, dev)
+        before = getter(index) if getter is not None else 1.0
+        torch.cuda.set_per_process_memory_fraction(limit / total, index)
         self.memory_limit = limit
-        self._release = weakref.finalize(self, _restore_fraction, dev, before)
+        self._release = weakref.finalize(self, _restore_fraction, index, before)
 
     def _fill_arena(self, hf, hf_config) -> None:
         """The one allocation, weights in it (from the HF model, or random), and the model's views."""

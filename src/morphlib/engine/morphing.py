@@ -44,8 +44,9 @@ from morphlib.errors import MorphError
 class MorphOp:
     """One swap (``to="int4"``) or restore (``to="fp16"``) of one layer and what happened to it: the
     engine-clock times and step indices of request, issue and commit, bytes copied, KV blocks migrated,
-    sequences preempted, host milliseconds spent on it, and on CUDA the device time of its copies
-    (``copy_ms``, ``span_ms``) and of its commit copy (``commit_ms``)."""
+    sequences preempted, host milliseconds spent on it (issue, sending its chunks, commit), and the device
+    time of its copies (``copy_ms``, ``span_ms``) and of its commit copy (``commit_ms``): CUDA events, or
+    host timestamps on CPU."""
 
     layer: int
     to: str  # "int4" or "fp16"
@@ -76,7 +77,7 @@ class MorphOp:
         return None if self.committed is None else self.committed - self.requested
 
     def copy_ms(self) -> float | None:
-        """Device time spent copying (CUDA): the sum of the chunks' times, from events."""
+        """Device time spent copying: the sum of the chunks' times, from events (CPU: host timestamps)."""
         if not self.events:
             return None
         return sum(a.elapsed_time(b) for a, b in self.events)
@@ -88,7 +89,7 @@ class MorphOp:
         return self.events[0][0].elapsed_time(self.events[-1][1])
 
     def commit_ms(self) -> float | None:
-        """Device time of the commit's device-to-device copy (CUDA; None until it has run)."""
+        """Device time of the commit's device-to-device copy (None until it has run)."""
         if self.commit_events is None or not self.commit_events[1].query():
             return None
         return self.commit_events[0].elapsed_time(self.commit_events[1])

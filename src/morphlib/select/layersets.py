@@ -17,6 +17,22 @@ def middle_block(num_layers: int, k: int) -> list[int]:
     return list(range(start, start + k))
 
 
+def middle_third(num_layers: int) -> tuple[int, int]:
+    """``(first, end)`` of the middle third of the depth: ``num_layers // 3`` layers left off at each end."""
+    cut = num_layers // 3
+    return cut, num_layers - cut
+
+
+def middle_third_starts(num_layers: int, k: int) -> list[int]:
+    """First layers of the ``k``-layer blocks that overlap the middle third as far as ``k`` allows: the blocks
+    inside it when ``k`` fits, else those covering it."""
+    _check(num_layers, k)
+    lo, hi = middle_third(num_layers)
+    if k <= hi - lo:
+        return list(range(lo, hi - k + 1))
+    return list(range(max(0, hi - k), min(lo, num_layers - k) + 1))
+
+
 def spread(num_layers: int, k: int) -> list[int]:
     """``k`` layers spread evenly over the depth (centre of each of k equal parts; none adjacent if k <= L/2)."""
     _check(num_layers, k)

@@ -11,6 +11,8 @@ Strategies are registered functions (``STRATEGIES``, in registration order); cha
   raises calibration NLL least, given Q;
 * ``front_to_back`` (the paper's fallback), ``back_to_front`` (the released code's order),
   ``middle_block`` (centred), ``gromov_block`` (min angular distance d(l, l+k), Gromov et al.);
+* ``middle_third_block`` — like ``block``, but only among the blocks inside the middle third of the depth
+  (covering it when k is larger than a third): is the middle as safe as the best-calibrated block?
 * ``random`` (not registered: many seeds per k) — uniform k-subsets, :func:`random_sets`.
 
 A new strategy is one function ``(selector, ks) -> {k: layers}`` (or ``(selector, k) -> layers``
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 from morphlib.errors import MorphError
 from morphlib.eval.metrics import Reference, greedy_tokens, score, token_match, window_nll
 from morphlib.morph import Morpher
-from morphlib.select.layersets import is_contiguous, middle_block
+from morphlib.select.layersets import is_contiguous, middle_block, middle_third_starts
 from morphlib.select.sensitivity import lis, lis_normalised, mds_given
 
 
@@ -90,8 +92,9 @@ class Selector:
         return self._nll[key]
 
     # -------------------------------------------------------------- contiguous
-    def best_block(self, k: int) -> list[int]:
-        starts = range(self.n - k + 1)
+    def best_block(self, k: int, starts=None) -> list[int]:
+        """The block of ``k`` layers with the lowest calibration NLL, among those starting at ``starts`` (all)."""
+        starts = range(self.n - k + 1) if starts is None else starts
         best = min(starts, key=lambda s: self.calib_nll(range(s, s + k)))
         return list(range(best, best + k))
 
@@ -187,6 +190,12 @@ register("back_to_front", contiguous=True, per_k=True, summary="last k layers (M
 register("middle_block", contiguous=True, per_k=True, summary="centred block")(Selector.middle_block)
 register("gromov_block", contiguous=True, per_k=True, summary="smallest angular distance d(l, l+k)")(
     Selector.gromov_block)
+
+
+@register("middle_third_block", contiguous=True, per_k=True,
+          summary="contiguous block with the lowest calibration loss inside the middle third of the depth")
+def _middle_third_block(sel: Selector, k: int) -> list[int]:
+    return sel.best_block(k, middle_third_starts(sel.n, k))
 
 
 class HeldoutScorer:
