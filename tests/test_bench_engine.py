@@ -117,6 +117,23 @@ def test_headline_from_a_runs_records():
     assert "top1_decisive_agreement" not in h  # no correctness record: no correctness keys
 
 
+def test_every_headline_key_has_a_readers_label_on_the_benchmarks_page():
+    from morphbook.publish import benchmarks
+    from morphlib.bench import kernels
+
+    assert set(E.TARGETS) <= set(benchmarks.ENGINE_LABELS)
+    assert {k.removeprefix("worst_time_ratio_") for k in kernels.TARGETS} | set(kernels.YARDSTICKS) <= set(benchmarks.BANDS)
+    head = {"positions": E._entry("positions", 16384), "peak_over_budget_bytes": E._entry("peak_over_budget_bytes", -3 << 20),
+            "kv_blocks_l4_vs_arithmetic": E._entry("kv_blocks_l4_vs_arithmetic", 0.994)}
+    rows = {r["what"]: r for r in benchmarks.engine_rows(head, [], {})}
+    text = [(r["value"], r["target"], r["met"]) for r in rows.values()]
+    assert text == [("16,384", "≥\u00a016,384", "met"), ("−3\u00a0MiB", "≤\u00a00\u00a0MiB", "met"),
+                    ("0.994", "in [0.98, 1.02]", "met")]
+    krows = benchmarks.kernel_rows({"worst_ratio_vs_gemlite": {"value": 1.2, "target": 1.1, "met": False, "at": "a"}},
+                                   [{"model": "llama-2-7b", "m": 4, "n": 1, "k": 1, "int4_ms": 2.0, "gemlite_ms": 1.0}])
+    assert krows[0]["band"] == "1–2,048 rows: INT4 over GemLite's time" and krows[0]["spread"].startswith("2.00–2.00")
+
+
 def test_the_gpu_profiles_plan_fits_its_time_and_is_printed_first():
     from morphbook.experiments.engine import Config
 
