@@ -3,8 +3,10 @@ of the INT4 kernels benchmark: what a user would pick instead of our kernels, me
 
 * **Where.** ``$MORPHLIB_GEMLITE`` (a folder holding the ``gemlite`` package, e.g. its unpacked sdist),
   else ``<repository>/.gemlite/gemlite-<VERSION>/`` (git-ignored; fetched with
-  ``pip download --no-deps --no-binary :all: gemlite==<VERSION>`` and unpacked there), else an installed
-  ``gemlite``. Absent, or without a GPU: the column says why, and the benchmark runs on.
+  ``pip download --no-deps --no-binary :all: gemlite==<VERSION> -d .gemlite`` and unpacked there), else
+  the sdist ``.gemlite/gemlite-<VERSION>.tar.gz`` alone, unpacked once into the temporary folder (a
+  178 KB carry to a GPU machine), else an installed ``gemlite``. Absent, or without a GPU: the column
+  says why, and the benchmark runs on.
 * **Configs, no autotuning.** The shipped ``configs/<CONFIG>.json`` (H100) is loaded explicitly with
   ``GemLiteLinear.load_config`` (an H200's name matches none of GemLite's tags). A signature it lacks
   (rows bucket, N, K for the kernel GemLite picks at that row count) borrows the shipped entry of the
@@ -34,12 +36,35 @@ _STATE: dict = {}  # the imported module and where it came from, once per proces
 
 
 def source_folder() -> Path | None:
-    """The folder that holds the ``gemlite`` package to import (``ENV``, else the repository's), or None."""
+    """The folder that holds the ``gemlite`` package to import (``ENV``, else the repository's unpacked sdist,
+    else its sdist unpacked once into the temporary folder), or None."""
     env = os.environ.get(ENV)
     if env:
         return Path(env).expanduser()
     folder = FOLDER / f"gemlite-{VERSION}"
-    return folder if (folder / "gemlite" / "__init__.py").is_file() else None
+    if (folder / "gemlite" / "__init__.py").is_file():
+        return folder
+    sdist = FOLDER / f"gemlite-{VERSION}.tar.gz"
+    return _unpacked(sdist) if sdist.is_file() else None
+
+
+def _unpacked(sdist: Path) -> Path:
+    """``sdist`` unpacked under the temporary folder (once; concurrent processes race harmlessly: the first
+    complete copy is renamed into place, the others are dropped)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    dest = Path(tempfile.gettempdir()) / f"morphlib-gemlite-{VERSION}"
+    if not (dest / f"gemlite-{VERSION}" / "gemlite" / "__init__.py").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + "."))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process put its copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest / f"gemlite-{VERSION}"
 
 
 def load():
