@@ -151,7 +151,9 @@ def test_the_gpu_profiles_plan_fits_its_time_and_is_printed_first():
 def test_bad_bench_input_is_a_one_line_error_before_any_work():
     lines = []
     for kw, match in ((dict(batch_sizes=(2, 4)), "batch sizes must include 1"), (dict(prompts=0), "prompts must be"),
-                      (dict(new_tokens=True), "new_tokens must be")):
+                      (dict(new_tokens=True), "new_tokens must be"),
+                      (dict(big_card="H200"), "capacity arithmetic has no card 'H200'"),
+                      (dict(big="gpt-5"), "gpt-5")):
         with pytest.raises(MorphError, match=match):
             E.run_bench(device="cpu", log=lines.append, **kw)
     assert lines == []

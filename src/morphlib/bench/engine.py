@@ -345,6 +345,7 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
     batch_sizes = tuple(check_int("batch size", b) for b in batch_sizes)
     if 1 not in batch_sizes:
         raise MorphError(f"batch sizes must include 1 (the headline's batch-1 ratios), got {list(batch_sizes)}")
+    arithmetic = arithmetic_blocks(big, big_card)  # an unknown shape or card fails here, before any work
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     t_start = time.perf_counter()
@@ -417,7 +418,7 @@ def run_bench(*, batch_sizes=(1, 2, 4, 8, 16, 32, 64), ctx: int = 128, steps: in
                                           max_num_batched_tokens=max(2048, max(batch_sizes)), restorable=(SWAP_LAYER,)))
     out.update(big=big, big_card=big_card, big_init_s=time.perf_counter() - t0)
     built = llm.memory_report()
-    out["big_arithmetic_blocks"] = arithmetic_blocks(big, big_card)
+    out["big_arithmetic_blocks"] = arithmetic
     log(f"{big} (random weights), card {big_card} (budget {built['budget'] / 2**30:.2f} GiB): engine ready in "
         f"{out['big_init_s']:.1f} s, {built['kv_main_blocks']} KV blocks (capacity arithmetic: {out['big_arithmetic_blocks']})")
     phase("big_engine")
