@@ -6,11 +6,12 @@
 #   .model-b/ carried  -> the model is joined from both parts, the corpus unpacked into the cache
 #   .gpu-carry/genres.tgz carried -> the held-out genres' texts unpacked into the cache (book/corpus.md)
 #   .whl/ carried      -> wheels installed into /tmp/site (once per machine)
+#   .gemlite/ carried  -> GemLite's sdist, found there by the kernels benchmark (morphlib.bench.gemlite)
 #
-#   bash scripts/gpu_call.sh [--only a,b] [--tests] [--deadline S]
+#   bash scripts/gpu_call.sh [--only a,b] [--tests | --tests-in "FILES"] [--deadline S]
 #
 # --only: experiments to run (python -m morphbook.run, gpu profile; none when omitted); --tests: the GPU
-# tests first (pytest -m gpu); --deadline: seconds after which the experiments are stopped (SIGINT; default
+# tests first (pytest -m gpu tests); --tests-in: the GPU tests of these files only; --deadline: seconds after which the experiments are stopped (SIGINT; default
 # 540, a call may run 600 s). Results are packed into $OUT/gpu-results.tar.gz even when stopped (an
 # experiment writes its summary.json last: one cut off leaves nothing half-written). Pass
 # MORPHBOOK_GIT_COMMIT=<sha>: the tree travels without .git.
@@ -21,13 +22,14 @@ export PYTHONPATH="/tmp/site:$PWD/src" MORPHLIB_CACHE=/tmp/morphlib-cache
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 stage=/tmp/morphbook-model
 gguf="$MORPHLIB_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-only=""; tests=0; deadline=540
+only=""; tests=0; test_files="tests"; deadline=540
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) only="$2"; shift 2 ;;
     --tests) tests=1; shift ;;
+    --tests-in) tests=1; test_files="$2"; shift 2 ;;
     --deadline) deadline="$2"; shift 2 ;;
-    *) echo "usage: bash scripts/gpu_call.sh [--only a,b] [--tests] [--deadline S]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu_call.sh [--only a,b] [--tests | --tests-in "FILES"] [--deadline S]" >&2; exit 2 ;;
   esac
 done
 start=$(date +%s)
@@ -50,7 +52,8 @@ fi
   echo "error: no .git here: pass MORPHBOOK_GIT_COMMIT=<sha> (and MORPHBOOK_GIT_DIRTY=0)" >&2; exit 2; }
 if [ "$tests" = 1 ]; then
   echo "== GPU tests"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
+  # shellcheck disable=SC2086  # one word per test file
+  python3 -m pytest -q -p no:cacheprovider -rs -m gpu $test_files 2>&1 | tee -a "$out/gpu-tests.log" | tail -25
 fi
 rc=0
 if [ -n "$only" ]; then

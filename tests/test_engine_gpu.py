@@ -1,7 +1,7 @@
-"""GPU checks of the serving engine (skipped without CUDA): Triton kernels vs the torch reference, top-1
-agreement with HF in bf16, INT4 layers within Int4Linear's tolerance, CUDA graphs vs eager, the memory
-budget (enforced, an L4's for Llama-2-7B: the KV blocks chapter 5's arithmetic counts), synchronous
-swaps, the migration copy of a restore. The kernel test also runs on CPU under ``TRITON_INTERPRET=1``
+"""GPU checks of the serving engine (skipped without CUDA): Triton kernels vs the torch reference, the bf16
+engine against an fp32 reference on forced continuations (beside HF bf16's incremental decode), INT4
+layers within Int4Linear's tolerance, CUDA graphs vs eager, the memory budget (enforced, an L4's for
+Llama-2-7B: the KV blocks chapter 5's arithmetic counts), synchronous swaps, the migration copy of a restore. The kernel test also runs on CPU under ``TRITON_INTERPRET=1``
 when Triton is installed."""
 
 import importlib.util
@@ -118,42 +118,31 @@ def test_triton_kernels_match_reference(nh, nkv, hd):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_bf16_top1_agreement_and_graphs():
-    """bf16 engine (Triton attention, CUDA graphs) vs HF bf16: the engine's greedy token at each generated
-    position against HF's top-1 given the same prefix, over >= 2,000 positions, on English text prompts
-    (real SmolLM2 weights and the corpus, when in the cache) and on random-token prompts.
-
-    The bound is a correctness bound, not the issue's 99.5 % target (``bench-engine`` reports that, met or
-    not): two bf16 implementations disagree where HF's top two logits are within bf16 rounding (measured
-    on an H200: 98.2 % on text, 98.9 % on random tokens, the gaps at the disagreements 1-2 bf16 ulps);
-    a wrong kernel or cache slot gives far less."""
+def test_gpu_bf16_engine_against_the_fp32_reference_on_forced_continuations():
+    """The engine benchmark's correctness measure, smaller (32 prompts x 128 forced tokens = 4,096 positions):
+    the bf16 engine (Triton attention, CUDA graphs, fed the forced tokens one step at a time) against the fp32
+    teacher-forced reference, beside HF bf16's own incremental decode. Correctness bounds, looser than the
+    benchmark's targets (which it reports, met or not): a wrong kernel, cache slot or forced-token step gives
+    far less. Real SmolLM2 weights and held-out text when in the cache, else random weights and tokens."""
+    from morphlib.bench import engine as E
     from morphlib.engine import LLM, EngineConfig
-    from morphlib.engine.bench import engine_greedy, hf_agreement, random_prompts, smollm2_cached, text_prompts
-    from morphlib.models import load_model, synthetic_model
 
-    real = smollm2_cached()
-    tok = None
-    if real:
-        model, tok = load_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
-    else:
-        model = synthetic_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")
+    dev = torch.device("cuda")
+    real = E.smollm2_cached()
+    model32, hf16, tok = E.smollm2_models(dev, real)
     # HF's forward passes share the process below: the allocator is not capped at the engine's budget
-    llm = LLM(model, EngineConfig(memory_budget=4 << 30, max_num_seqs=32, enforce_budget=False))
-    sets = {"random tokens": random_prompts(llm.spec.vocab)}
-    texts = text_prompts(tok) if tok is not None else None
-    if texts is not None:
-        sets["text"] = texts
-    outs = {name: engine_greedy(llm, prompts) for name, prompts in sets.items()}
-    assert any(r.path == "graph" for r in llm.steps)
-    rep = llm.memory_report()  # the engine's own peak, before HF's forward passes below
+    llm = LLM(hf16, EngineConfig(memory_budget=4 << 30, max_num_seqs=32, enforce_budget=False))
+    texts = E.text_prompts(tok, 32, 64) if tok is not None else None
+    prompts = texts if texts is not None else E.random_prompts(llm.spec.vocab, 32, 64)
+    out = E.correctness(llm, hf16, model32, prompts, 128)
+    print({k: v for k, v in out.items() if k not in ("engine", "hf_incremental")})
+    assert out["positions"] == 4096 and out["dtype"] == "bfloat16" and out["engine_paths"].get("graph", 0) >= 120
+    assert out["top1_decisive_agreement"] >= (0.998 if real else 0.99)
+    assert out["top1_gap_vs_hf_incremental_pts"] <= 1.0 and out["kl_ratio_vs_hf"] <= 2.0
+    rep = llm.memory_report()
     assert rep["allocated_peak"] <= rep["budget"], rep
-    for name, prompts in sets.items():
-        a = hf_agreement(model, prompts, outs[name])
-        print(f"top-1 agreement vs HF (bf16, {'real' if real else 'random'} weights), {name} prompts: {a}")
-        assert a["positions"] >= 2000
-        assert a["agreement"] >= (0.97 if real else 0.9)  # random weights: flat logits, many near-ties
     if texts is None:
-        pytest.skip("no real SmolLM2 weights or corpus in the cache: text prompts not checked")
+        pytest.skip("no real SmolLM2 weights or corpus in the cache: random weights and tokens checked only")
 
 
 @pytest.mark.gpu

@@ -210,6 +210,35 @@ def test_controller_and_step_hooks(tiny):
     assert all(0 <= i.kv_usage <= 1 for i in seen)
 
 
+def test_on_logits_hook_feeds_forced_tokens_and_sees_each_positions_logits(tiny):
+    """The runner's ``on_logits`` hook: every sampled row's logits, in the order of the sequences given,
+    and the tokens it returns are what the sequences get (a forced continuation, fed one step at a time
+    through the engine's decode path); the logits seen are HF's teacher-forced logits at those positions."""
+    llm = small(tiny, max_num_batched_tokens=16)  # chunked prefill, then mixed and decode-only steps
+    gen = torch.Generator().manual_seed(3)
+    prompts = [list(range(5, 30)), list(range(40, 47))]
+    forced = torch.randint(0, 512, (2, 9), generator=gen).tolist()
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def hook(seqs, logits, tokens):
+        assert logits.shape == (len(seqs), 512) and len(tokens) == len(seqs)
+        for seq, row in zip(seqs, logits):
+            seen[(seq.id, len(seq.output))] = row.clone()
+        return [forced[seq.id][len(seq.output)] for seq in seqs]
+
+    llm.runner.on_logits = hook
+    out = llm.generate(prompts, SamplingParams(max_tokens=9, ignore_eos=True))
+    assert [o.token_ids for o in out] == forced and len(seen) == 18
+    with torch.no_grad():
+        for i, (p, f) in enumerate(zip(prompts, forced)):
+            ref = tiny(torch.tensor([p + f])).logits[0, len(p) - 1:-1]
+            got = torch.stack([seen[(i, j)] for j in range(9)])
+            assert torch.allclose(got, ref, atol=1e-4), (i, (got - ref).abs().max())
+    llm.runner.on_logits = lambda seqs, logits, tokens: tokens[:-1]
+    with pytest.raises(MorphError, match="on_logits returned 1 tokens for 2 sampled sequences"):
+        llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=2, ignore_eos=True))
+
+
 def test_chunked_prefill_and_temperature(tiny):
     llm = small(tiny, max_num_batched_tokens=16)
     out = llm.generate([list(range(1, 101))], SamplingParams(max_tokens=3, ignore_eos=True))[0]
@@ -263,4 +292,4 @@ def test_bench_engine_cli_says_it_needs_a_gpu(capsys):
         main(["bench-engine"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: bench-engine needs a CUDA GPU"
+    assert err == "error: bench-engine needs a CUDA GPU (--device cpu runs its correctness measure only, small)"

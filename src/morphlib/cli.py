@@ -1,5 +1,6 @@
 """Command line: ``morphlib layer-costs`` (per-layer INT4 cost), ``morphlib bench`` (INT4 kernel ratios) and
-``morphlib bench-engine`` (the serving engine's decode step vs roofline and HF, swaps during decode)."""
+``morphlib bench-engine`` (the serving engine's decode step vs roofline and HF, swaps during decode, its budget
+and its correctness against fp32)."""
 
 from __future__ import annotations
 
@@ -92,10 +93,16 @@ def _bench(args) -> None:
 def _bench_engine(args) -> None:
     import json
 
-    from morphlib.engine.bench import format_report, run_bench
+    from morphlib.bench.engine import format_report, run_bench
+    from morphlib.errors import MorphError
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MorphError("bench-engine needs a CUDA GPU (--device cpu runs its correctness measure only, small)")
+    small = dict(prompts=4, prompt_len=32, new_tokens=64) if args.device == "cpu" else {}
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else small.get(k, d)
+             for k, d in (("prompts", 64), ("prompt_len", 128), ("new_tokens", 256))}
     res = run_bench(batch_sizes=tuple(args.batch_sizes), ctx=args.ctx, steps=args.steps, hf=not args.no_hf,
-                    hf_compiled=args.hf_compiled, big=args.big, big_budget_gib=args.big_budget_gib)
+                    hf_compiled=args.hf_compiled, big=args.big, big_card=args.big_card, device=args.device, **sizes)
     print(format_report(res))
     if args.json:
         with open(args.json, "w") as fh:
@@ -174,18 +181,29 @@ def main(argv=None) -> None:
                        help="with --tune: stop tuning new shapes after this many seconds (default: no limit)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
     be = sub.add_parser(
-        "bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap during decode",
-        description="Time the serving engine's decode step per batch size (FP16 and all-INT4) against the HBM "
-                    "roofline and HF generate, and a layer swap during decode, all in one run (needs a CUDA GPU).")
+        "bench-engine", help="serving engine: decode step vs HBM roofline and HF, FP16 vs INT4, swap, budget, correctness",
+        description="Time the serving engine's decode step per batch size (FP16 and all-INT4, SmolLM2 and a Llama-2-7B "
+                    "shape in an L4's budget) against the HBM roofline and HF generate, a layer swap during decode, "
+                    "the budget kept, and the engine's top-1 agreement and KL against fp32 on forced continuations, "
+                    "all in one run (needs a CUDA GPU; --device cpu runs the correctness measure only).")
     be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], metavar="B",
-                    help="decode batch sizes to time (default: %(default)s)")
+                    help="decode batch sizes to time, 1 among them (default: %(default)s)")
     be.add_argument("--ctx", type=int, default=128, metavar="T",
-                    help="prompt tokens per request (default: %(default)s)")
+                    help="prompt tokens per request while decode steps are timed (default: %(default)s)")
     be.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (default: %(default)s)")
     be.add_argument("--big", default="llama-2-7b", metavar="SHAPE",
                     help="the large shape, random weights (default: %(default)s)")
-    be.add_argument("--big-budget-gib", type=float, default=24.0, metavar="GIB",
-                    help="the large shape's memory budget in GiB, an L4's 24 GB (default: %(default)s)")
+    be.add_argument("--big-card", default="L4", metavar="CARD",
+                    help="the card whose memory budget the large shape runs in (morphlib.cards: L4, A100-40GB, "
+                         "A100-80GB, H100-80GB, H200) (default: %(default)s)")
+    be.add_argument("--prompts", type=int, default=None, metavar="N",
+                    help="correctness: held-out text prompts (default: 64 on CUDA, 4 on CPU)")
+    be.add_argument("--prompt-len", type=int, default=None, metavar="P",
+                    help="correctness: tokens per prompt (default: 128 on CUDA, 32 on CPU)")
+    be.add_argument("--new-tokens", type=int, default=None, metavar="T",
+                    help="correctness: forced continuation tokens per prompt (default: 256 on CUDA, 64 on CPU)")
+    be.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cuda: everything; cpu: the correctness measure only, fp32 (default: %(default)s)")
     be.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines (default: run them)")
     be.add_argument("--hf-compiled", action="store_true",
                     help="also time HF static cache + torch.compile, 40-70 s more (default: off)")

@@ -2,8 +2,10 @@
 
 Wraps ``morphlib.bench.kernels.run_bench`` so that its numbers are published like a chapter's
 (``results/kernels/summary.json`` with provenance). Headline: the worst INT4/bf16 time ratio over
-the Llama-2-7B shapes per row band (1 row, <= 8, 16-256, 512-2048), each with its target and whether
-it was met, in the engine's "fast" dispatch and in the chapters' bit-exact "exact" dispatch.
+the Llama-2-7B shapes per row band (1 row, 1 row at 4096x4096, <= 16, 16-256, 512-2048), each with
+issue #19's target and whether it was met, in the engine's "fast" dispatch and in the chapters'
+bit-exact "exact" dispatch; and the worst time of ours over GemLite's and over tinygemm's on the same
+(shape, rows), measured in the same run (GemLite found as ``morphlib.bench.gemlite`` says).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ def run(cfg: Config) -> Result:
     with Stopwatch() as sw:
         out = run_bench(models=cfg.models, rows=cfg.rows, group_size=cfg.group_size, mode=cfg.mode)
     head = out["headline"]
-    headline = dict(head)  # worst_time_ratio_rows_1, ..._le_8, ..._16_256, ..._512_2048
+    headline = dict(head)  # worst_time_ratio_rows_1, ..._1_4096x4096, ..._le_16, ..._16_256, ..._512_2048, worst_ratio_vs_*
     for band, v in (out.get("headline_exact_mode") or {}).items():
         headline[f"exact_mode_{band}"] = v
     headline.update(device=out["device"], copy_gbps=out.get("copy_gbps"), mode=out["mode"])
-    return Result(as_params(cfg, device=out["device"], triton=out.get("triton")), headline,
+    return Result(as_params(cfg, device=out["device"], triton=out.get("triton"), gemlite=out.get("gemlite")), headline,
                   {"rows.json": out["rows"]}, sw.seconds)

@@ -29,14 +29,35 @@ ENGINE_LABELS = {
     "swap_copy_bw_vs_isolated": ("Side-stream swap copy bandwidth over an isolated pinned copy", "ratio"),
     "decode_slowdown_during_swap": ("Decode slowdown while a Llama-2-7B layer is copied", "change"),
     "gpu_top1_agreement_vs_hf": ("Top-1 agreement with HF bf16 on text prompts", "share"),
+    "int4_vs_fp16_step_speedup_7b_bs8": ("All-INT4 over FP16 decode-step speedup, Llama-2-7B shape, batch 8", "times"),
+    "int4_vs_fp16_worst_step_speedup": ("All-INT4 over FP16 decode-step speedup, the smallest over batch 1–64 and "
+                                        "both models", "times"),
+    "top1_decisive_agreement": ("Engine top-1 agreement with fp32 on decisive positions (fp32 top-2 gap above "
+                                "4 bf16 ulps)", "share"),
+    "top1_gap_vs_hf_incremental_pts": ("Engine top-1 agreement with fp32 below HF bf16's own incremental decode, "
+                                       "all positions (points)", "ratio"),
+    "kl_ratio_vs_hf_bf16": ("KL from fp32 of the engine over that of HF bf16's incremental decode", "ratio"),
+    "positions": ("Forced-continuation positions compared with fp32", "count"),
+    "decisive_excluded_share": ("Positions left out as not decisive (fp32 top-2 gap within 4 bf16 ulps)", "share"),
+    "kv_blocks_l4_vs_arithmetic": ("Llama-2-7B KV blocks in an L4's budget over chapter 5's capacity arithmetic", "ratio"),
+    "peak_over_budget_bytes": ("Llama-2-7B engine's memory peak over its L4 budget (construction and serving)", "bytes"),
 }
-BANDS = {"rows_1": ("1 row", 1, 1), "rows_le_8": ("1–8 rows", 1, 8), "rows_16_256": ("16–256 rows", 16, 256),
-         "rows_512_2048": ("512–2,048 rows", 512, 2048)}
+BANDS = {"rows_1": ("1 row", 1, 1), "rows_1_4096x4096": ("1 row, 4096×4096", 1, 1), "rows_le_8": ("1–8 rows", 1, 8),
+         "rows_le_16": ("1–16 rows", 1, 16), "rows_16_256": ("16–256 rows", 16, 256),
+         "rows_512_2048": ("512–2,048 rows", 512, 2048),
+         "worst_ratio_vs_gemlite": ("1–2,048 rows: INT4 over GemLite's time", 1, 2048),
+         "worst_ratio_vs_tinygemm": ("1–2,048 rows: INT4 over tinygemm's time", 1, 2048)}
+YARDSTICK_COLUMNS = {"worst_ratio_vs_gemlite": "gemlite_ms", "worst_ratio_vs_tinygemm": "tinygemm_ms"}
 BAND_MODEL = "llama-2-7b"  # the kernels' headline bands are over this shape's linears
 
 
 def value_text(value, kind: str) -> str:
-    """``kind``: "share" (a fraction, as a percentage), "change" (a fraction, as a signed percentage), "times", "ratio"."""
+    """``kind``: "share" (a fraction, as a percentage), "change" (a fraction, as a signed percentage), "times", "ratio",
+    "count" (a whole number), "bytes" (as signed MiB)."""
+    if kind == "count":
+        return fmt.num(value, 0)
+    if kind == "bytes":
+        return f"{fmt.num(value / 2**20, 0, signed=round(value / 2**20) != 0)}\u00a0MiB"
     if kind == "share":
         return fmt.frac_pct(value)
     if kind == "change":
@@ -83,7 +104,9 @@ def engine_spread(key: str, entry: dict, rows: list[dict], run: dict) -> str:
                 if op.get("overlapped_step_ms") and op.get("adjacent_quiet_step_ms")]
         if vals:
             return f"{fmt.pct(100 * min(vals), 1, True)} to {fmt.pct(100 * max(vals), 1, True)} over {len(vals)} copies"
-    if key == "int4_vs_fp16_step_speedup_7b_bs1":
+    if key == "int4_vs_fp16_worst_step_speedup" and entry.get("at"):
+        return f"smallest at {entry['at']}"
+    if key in ("int4_vs_fp16_step_speedup_7b_bs1", "int4_vs_fp16_step_speedup_7b_bs8"):
         fp16, int4 = _rows(rows, big, "fp16"), _rows(rows, big, "int4")
         return _range([(b, fp16[b]["step_ms"] / int4[b]["step_ms"]) for b in sorted(fp16) if b in int4], fmt.times)
     if key == "decode_step_vs_roofline_7b_bs1":
@@ -124,8 +147,10 @@ def kernel_rows(headline: dict, rows: list[dict]) -> list[dict]:
         band = key.removeprefix("exact_mode_").removeprefix("worst_time_ratio_")
         name, lo, hi = BANDS.get(band, (band.replace("_", " "), None, None))
         field = "exact_ratio" if mode == "exact" else "ratio"
-        vals = [r[field] for r in rows if r["model"] == BAND_MODEL and lo is not None and lo <= r["m"] <= hi
-                and r.get(field) is not None]
+        column = YARDSTICK_COLUMNS.get(band)
+        vals = [r["int4_ms"] / r[column] if column else r[field] for r in rows
+                if r["model"] == BAND_MODEL and lo is not None and lo <= r["m"] <= hi
+                and r.get(column or field) is not None]
         out.append({"band": name, "mode": "bit-exact (chapters)" if mode == "exact" else "fast (engine)",
                     "order": (mode == "exact", list(BANDS).index(band) if band in BANDS else len(BANDS)),
                     "value": fmt.num(entry["value"], 3), "at": str(entry.get("at", "—")).replace("x", "×"),

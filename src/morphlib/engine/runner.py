@@ -12,6 +12,10 @@ Everything else (prefill chunks, mixed steps, CPU) runs eagerly.
 Each run leaves its host seconds by phase in ``last_phases_s`` (prepare: inputs; launch: device work
 enqueued; sync: waiting for the device and sampling) and the seconds of any graph it had to capture
 first in ``last_capture_s``.
+
+``on_logits(seqs, logits, tokens) -> tokens``: when set, sees the logits of every sampled row of a step
+(``[len(seqs), vocab]`` on the device, graph or eager) after sampling and returns the tokens the
+sequences get instead: a benchmark feeds forced continuations through the real decode path with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from morphlib.engine.attention import AttnMeta, decode_splits
 from morphlib.engine.model import Model
+from morphlib.errors import MorphError
 
 
 class Runner:
@@ -44,6 +49,8 @@ class Runner:
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 1)
         self.on_launch = None  # called once a step's device work is enqueued, before the host waits for it
+        self.on_logits = None  # fn(seqs, logits, tokens) -> tokens, after sampling (module doc)
+        self.last_logits: torch.Tensor | None = None  # the sampled rows' logits, during a run
         self.time_gpu = False  # CUDA events around each step's device work (``last_gpu_ms``)
         self.last_gpu_ms: float | None = None
         self.last_phases_s = (0.0, 0.0, 0.0)  # host seconds: prepare, launch, sync
@@ -122,6 +129,12 @@ class Runner:
             self.last_gpu_ms = self._ev[0].elapsed_time(self._ev[1])
         end = time.perf_counter()
         self.last_phases_s = (t[1] - t[0] - self.last_capture_s, t[2] - t[1], end - t[2])
+        if self.on_logits is not None and out[0]:
+            tokens = list(self.on_logits(out[0], self.last_logits, out[1]))
+            if len(tokens) != len(out[0]):
+                raise MorphError(f"on_logits returned {len(tokens)} tokens for {len(out[0])} sampled sequences")
+            out = (out[0], tokens, out[2])
+        self.last_logits = None  # an eager step's logits are not kept alive into the next step
         return out
 
     def _mark(self) -> None:
@@ -143,7 +156,7 @@ class Runner:
             return [], [], "eager"
         if meta.decode and self.model.use_triton:
             self.model.decode_splits = decode_splits(len(batch), self.model.spec.num_kv_heads, self.num_sms)
-        logits = self.model.forward(ids, pos, meta, rows)
+        logits = self.last_logits = self.model.forward(ids, pos, meta, rows)
         self._launched()
         return sampled, self._sample(logits, sampled), "eager"
 
@@ -240,6 +253,7 @@ class Runner:
         self.static[:4 * mb].copy_(self.host[:4 * mb], non_blocking=True)
         self.static[4 * mb:4 * mb + bb * nb].copy_(self.host[4 * mb:4 * mb + bb * nb], non_blocking=True)
         self.graphs[key].replay()
+        self.last_logits = self.logits[:b]
         self._launched()
         if any(s.params.temperature > 0 for s in seqs):
             return self._sample_temp(self.logits[:b].float(), [s.params.temperature for s in seqs])
