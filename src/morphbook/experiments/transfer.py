@@ -225,7 +225,7 @@ class Config(ProfileConfig, defaults=DEFAULTS):
             raise MorphError("shapes must name at least one model shape")
         for s in shapes:
             shape_config(s)  # a one-line error naming the built-in shapes
-        counts = int_tuple("layer_counts", self.layer_counts)
+        counts = int_tuple("layer_counts", self.layer_counts, distinct=True)
         for s in shapes:
             n = shape_config(s)["num_hidden_layers"]
             if max(counts) > n:
