@@ -46,6 +46,10 @@ def test_int_tuple():
                        ([], "at least one"), ({"a": 1}, "list of integers")):
         with pytest.raises(MorphError, match=match):
             int_tuple("ks", bad)
+    assert int_tuple("ks", [2, 1], distinct=True) == (1, 2)
+    for bad, match in (([2, 2], r"ks has duplicates: \[2, 2\]"), ([0, 1], "integer >= 1")):
+        with pytest.raises(MorphError, match=match):
+            int_tuple("ks", bad, distinct=True)
 
 
 def test_profile_defaults_must_name_both_profiles():

@@ -68,9 +68,10 @@ class ProfileConfig:
             object.__setattr__(self, name, check_int(name, getattr(self, name), lo))
 
 
-def int_tuple(name: str, value, lo: int = 1) -> tuple[int, ...]:
+def int_tuple(name: str, value, lo: int = 1, distinct: bool = False) -> tuple[int, ...]:
     """A sorted tuple of distinct integers >= ``lo`` from a list, a tuple, one integer or their JSON text
-    (papermill passes lists as strings); a one-line error otherwise, or when it is empty."""
+    (papermill passes lists as strings); a one-line error otherwise, when it is empty, or (``distinct``)
+    when it repeats a value."""
     import json
 
     if isinstance(value, str):
@@ -81,9 +82,12 @@ def int_tuple(name: str, value, lo: int = 1) -> tuple[int, ...]:
     items = [value] if hasattr(value, "__index__") and not hasattr(value, "__len__") else value
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
         raise MorphError(f"{name} must be a list of integers, got {value!r}")
-    out = tuple(sorted({check_int(name, v, lo) for v in items}))
+    given = [check_int(name, v, lo) for v in items]
+    out = tuple(sorted(set(given)))
     if not out:
         raise MorphError(f"{name} must hold at least one integer, got {value!r}")
+    if distinct and len(out) != len(given):
+        raise MorphError(f"{name} has duplicates: {given}")
     return out
 
 

@@ -126,7 +126,7 @@ class Config(ProfileConfig, defaults=DEFAULTS):
             _num_layers(s)  # a one-line error naming the shapes
         object.__setattr__(self, "shapes", shapes)
         for name in ("layer_counts", "chunk_bytes", "pageable_layer_counts", "ceiling_bytes", "decode_batches"):
-            object.__setattr__(self, name, int_tuple(name, getattr(self, name)))
+            object.__setattr__(self, name, int_tuple(name, getattr(self, name), distinct=name == "layer_counts"))
         object.__setattr__(self, "paces", pace_tuple(self.paces))
         self.check_counts("engine_chunk_bytes", "repeats", "min_repeats", "pairs", "gap", "prompt_len", "warmup")
         if self.engine_chunk_bytes not in self.chunk_bytes:
