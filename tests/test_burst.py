@@ -232,3 +232,26 @@ def test_config_profiles_and_one_line_errors():
         with pytest.raises(MorphError) as exc:
             burst.Config.for_profile("cpu", **bad)
         assert "\n" not in str(exc.value)
+
+
+def test_each_setting_builds_its_engine_model(monkeypatch):
+    """What ``build_llm`` hands the engine per setting (the engine itself replaced by a recorder)."""
+    import morphlib.engine
+    import morphlib.bench.engine as bench
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, cfg, clock=None):
+            seen.append((model, cfg))
+
+    monkeypatch.setattr(morphlib.engine, "LLM", Recorder)
+    for cached in (True, False):
+        monkeypatch.setattr(bench, "smollm2_cached", lambda cached=cached: cached)
+        llm = burst_slices.build_llm(PLAN.setting("smollm2-kvcap"), burst_slices.engine_fields(PLAN.setting("smollm2-kvcap")))
+        assert llm.morphbook_weights == ("real" if cached else "random")
+    assert [m for m, _ in seen] == ["smollm2-135m", "shape:smollm2-135m"] and seen[0][1].kv_blocks == 327
+    burst_slices.build_llm(PLAN.setting("llama7b-l4"), burst_slices.engine_fields(PLAN.setting("llama7b-l4")))
+    assert seen[-1][0] == "shape:llama-2-7b" and seen[-1][1].card == "L4" and seen[-1][1].kv_blocks is None
+    burst_slices.build_llm(PLAN.setting("cpu-micro"), burst_slices.engine_fields(PLAN.setting("cpu-micro")))
+    assert seen[-1][0].config.num_hidden_layers == 4 and seen[-1][1].kv_blocks == 80

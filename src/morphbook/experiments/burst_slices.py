@@ -68,7 +68,7 @@ def build_llm(setting: Setting, fields: dict, seed: int = 0, clock=None):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(**model, tie_word_embeddings=False)).eval()
     elif not model.startswith("shape:"):
-        from morphlib.engine.bench import smollm2_cached
+        from morphlib.bench.engine import smollm2_cached
 
         if model == "smollm2-135m" and smollm2_cached():
             weights = "real"
