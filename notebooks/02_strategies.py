@@ -38,8 +38,7 @@ from morphbook.publish.glue import glue
 from morphbook.publish.page import glue_key
 
 if texts is None and calibration_texts is None and model is None:
-    shown_d = run_chapter("domains", lambda c: domains.run(c, results_root=results_root),
-                          domains.Config.for_profile(profile), results_root)
+    shown_d = run_chapter("domains", domains.run, domains.Config.for_profile(profile), results_root)
     HD = shown_d.headline
 else:
     HD = {}
@@ -82,7 +81,8 @@ glue_all(reading.texts(H, shown.json("paired.json"), shown.json("records.json"),
 #
 # **The seed project's count.** {glue:md}`ch2-seed`
 #
-# "Significantly" better or worse means that the 95 % paired-bootstrap interval of the perplexity
+# A {term}`win rate` is the share of held-out window pairs on which the calibrated block has the lower
+# loss. "Significantly" better or worse means that the 95 % paired-bootstrap interval of the perplexity
 # effect excludes zero, the criterion of the verdict rules (`morphbook.experiments.verdicts`, fixed
 # before the data); *p* is the sign test's over windows. The labels *supported* / *not supported*
 # are those rules' outcomes.
@@ -246,7 +246,8 @@ if by_dom["greedy LIS"] is None:
     print("These results hold no per-domain comparison (made before it existed, or turned off).")
 else:
     ppl16 = HD.get("heldout_ppl_16bit_by_domain", {})
-    D = pd.DataFrame([{"domain": reading.domain_name(dom), "versus": role, "win_rate": v["win_rate"], "lo": v["ci95"][0], "hi": v["ci95"][1],
+    D = pd.DataFrame([{"domain": reading.domain_name(dom), "versus": role, "win_rate": v["win_rate"],
+                       "lo": v["ci95"][0], "hi": v["ci95"][1],
                        "p": v["sign_test_p"], "windows": v["windows"], "ppl16": ppl16.get(dom)}
                       for role, rows in by_dom.items() for dom, v in rows.items()])
     pts = alt.Chart(D).mark_point(filled=True, size=80).encode(

@@ -68,7 +68,8 @@ OVERFLOW_JS = """(column) => {
     if (!shown(el) || el.closest('details:not([open]) > :not(summary)')) continue;
     const r = el.getBoundingClientRect(), st = getComputedStyle(el);
     if (el.tagName !== 'DIV' && (r.right > c.right + 2 || r.left < c.left - 2)) {
-      out.push(`${name(el)} sticks out of the column by ${Math.round(Math.max(r.right - c.right, c.left - r.left))} px: "${text(el)}"`);
+      const by = Math.round(Math.max(r.right - c.right, c.left - r.left));
+      out.push(`${name(el)} sticks out of the column by ${by} px: "${text(el)}"`);
     } else if (['auto', 'scroll'].includes(st.overflowX) && el.scrollWidth > el.clientWidth + 2) {
       out.push(`${name(el)} scrolls sideways (${el.scrollWidth} px in ${el.clientWidth}): "${text(el)}"`);
     }

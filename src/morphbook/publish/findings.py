@@ -75,7 +75,8 @@ def _strategies(s: Shown) -> list[tuple[str, str]]:
              f"{_win(h['heldout_win_rate_block_vs_greedy_lis'], h['ci95'], h['sign_test_p'])}: "
              f"{read_strat.verdict_label(h['verdict_contiguous_vs_lis'])}"),
             (f"Calibrated block vs the best scattered set ({which}): held-out win rate",
-             f"{_win(h['heldout_win_rate_block_vs_best_scattered'], h['ci95_vs_best_scattered'], h['sign_test_p_vs_best_scattered'])}: "
+             _win(h["heldout_win_rate_block_vs_best_scattered"], h["ci95_vs_best_scattered"],
+                  h["sign_test_p_vs_best_scattered"]) + ": "
              f"{read_strat.verdict_label(h['verdict_contiguous_vs_best_scattered'])}"),
             ("Seed project's protocol: oracle-block wins of trials (selection alone predicts)",
              f"{h['seed_protocol_wins']:,} of {h['seed_protocol_trials']:,} "

@@ -34,7 +34,8 @@ def capacity_sentence(overload: list[dict], trace: str, card: str) -> str:
         raise MorphError(f"overload.json needs at least two swap counts for {trace} on {card}")
     none, most = _row(overload, trace, card, layers[0]), _row(overload, trace, card, layers[-1])
     mean = none["mean_demand_tokens"]
-    head = (f"On the {card}, the {trace_name(trace)} trace's demand exceeds the KV capacity {fmt.pct(none['overload_pct_hour'])} of the "
+    head = (f"On the {card}, the {trace_name(trace)} trace's demand exceeds the KV capacity "
+            f"{fmt.pct(none['overload_pct_hour'])} of the "
             f"hour with {layers[0]} layers in INT4 and {fmt.pct(most['overload_pct_hour'])} with {layers[-1]}.")
     if mean > none["capacity_tokens"]:
         above = "above" if most["capacity_tokens"] > mean else "still below"
@@ -86,7 +87,8 @@ def gain_sentence(capacity: list[dict], model: str, kv_kib_per_token: float) -> 
             f"add {fmt.pct(gain0, signed=True)} of KV capacity on the {card0}")
     if rest:
         smaller = all(g < gain0 for _, g, _ in rest)
-        text += ((", but only " if smaller else ", and ") + fmt.listing(f"{fmt.pct(g, signed=True)} on the {c}" for c, g, _ in rest)
+        text += ((", but only " if smaller else ", and ")
+                 + fmt.listing(f"{fmt.pct(g, signed=True)} on the {c}" for c, g, _ in rest)
                  + (": the same freed bytes are a small part of a larger budget" if smaller else ""))
     return text + "."
 
