@@ -12,7 +12,7 @@
 #
 # --only: experiments to run (python -m morphbook.run, gpu profile; none when omitted); --tests: the GPU
 # tests first (pytest -m gpu tests); --tests-in: the GPU tests of these files only; --deadline: seconds after which the experiments are stopped (SIGINT; default
-# 540, a call may run 600 s). Results are packed into $OUT/gpu-results.tar.gz even when stopped (an
+# 540, a call may run 600 s). The results this call wrote are packed into $OUT/gpu-results.tar.gz even when stopped (an
 # experiment writes its summary.json last: one cut off leaves nothing half-written). Pass
 # MORPHBOOK_GIT_COMMIT=<sha>: the tree travels without .git.
 set -uo pipefail
@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 start=$(date +%s)
+marker=$(mktemp); touch "$marker"  # results newer than this were written by this call
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -f .model-a/gguf.part.aa ]; then mkdir -p "$stage" && cp .model-a/gguf.part.aa "$stage/" && echo "staged model part A"; fi
 if [ ! -f /tmp/site/.ready ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -63,7 +64,15 @@ if [ -n "$only" ]; then
   rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && echo "deadline: stopped after $left s; packing what finished" | tee -a "$out/run.log"
   python3 -m morphbook.publish.stale 2>&1 | tee -a "$out/run.log"
-  tar -czf "$out/gpu-results.tar.gz" results && echo "archive: $(du -h "$out/gpu-results.tar.gz" | cut -f1)"
+  # only the results this call wrote: the tree travels afresh with each call, so an archive of all of
+  # results/ would carry the previous calls' old results back over their new ones
+  made=$(find results -name summary.json -newer "$marker" -printf '%h\n' | sort)
+  if [ -n "$made" ]; then
+    # shellcheck disable=SC2086  # one word per result folder
+    tar -czf "$out/gpu-results.tar.gz" $made && echo "archive: $(du -h "$out/gpu-results.tar.gz" | cut -f1) ($(echo $made))"
+  else
+    echo "archive: none (no experiment finished)"
+  fi
 fi
 echo "call: $(( $(date +%s) - start )) s"
 exit "$rc"
