@@ -42,8 +42,9 @@ env="MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0"
 cat <<TXT
 Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
 commit first: the provenance names commit $(git rev-parse --short HEAD)):
-  1. carry [".model-a", ".gemlite"]:           $env bash scripts/gpu_call.sh --tests-in "tests/test_engine_gpu.py tests/test_int4_gpu.py tests/test_transfer.py tests/test_overlap.py tests/test_bench_engine.py tests/test_bench_gemlite.py" --only kernels,transfer
-  2. carry [".model-b", ".gpu-carry", ".whl"]: $env bash scripts/gpu_call.sh --only sensitivity,strategies
-  3. carry []:                                 $env bash scripts/gpu_call.sh --tests-in "tests/test_quality.py tests/test_morph.py" --only engine,overlap
-  4. carry []:                                 $env bash scripts/gpu_call.sh --only domains
+  1. carry [".model-a", ".gemlite"]:           $env bash scripts/gpu_call.sh --tests-in "tests/test_engine_gpu.py tests/test_bench_gemlite.py" --only engine,transfer,kernels
+  2. carry [".model-b", ".gpu-carry", ".whl"]: $env bash scripts/gpu_call.sh --only sensitivity,strategies,overlap
+  3. carry []:                                 $env bash scripts/gpu_call.sh --only domains,burst
+  then chapter 5's slices, one call each:      $env bash scripts/gpu_burst.sh --next 1 --deadline 560
+After each call: tar xzf <files_at>/gpu-results.tar.gz (burst-records.tar.gz for a slice) in the repository root.
 TXT
