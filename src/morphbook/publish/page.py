@@ -153,8 +153,10 @@ def provenance_text(shown: Shown) -> str:
         return (f"```{{admonition}} Modified results\n:class: danger\n{shown.status.message.split('(', 1)[1].rstrip(')')}"
                 f": the detail files no longer match the run that made them. Rerun the chapter.\n```\n\n{sentence}\n")
     if shown.status.state == "STALE":
-        return (f"```{{admonition}} Stale results\n:class: danger\nThe code that made these numbers has changed since "
-                f"**{short_commit(prov)}**; they await a rerun.\n```\n\n{sentence}\n")
+        why = shown.status.message.split("(", 1)[1].rstrip(")") if "(" in shown.status.message else "its code changed"
+        return (f"```{{admonition}} Stale results\n:class: danger\nThese numbers were made at commit "
+                f"**{short_commit(prov)}**, and what made them has changed since: {why}. They await a rerun.\n```\n\n"
+                f"{sentence}\n")
     if prov.get("profile") != "gpu":
         return f"```{{warning}}\n{sentence} These are not the book's published numbers.\n```\n"
     return f"*{sentence}*\n"
