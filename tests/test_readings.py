@@ -23,23 +23,9 @@ def sp(text):
     return text.replace("\u00a0", " ")
 
 
-def _plain(f):
-    return lambda *args, **kwargs: sp(f(*args, **kwargs))
-
-
-sp_burst_assumptions_sentence = _plain(burst.assumptions_sentence)
-sp_burst_burstiness_sentence = _plain(burst.burstiness_sentence)
-sp_burst_capacity_sentence = _plain(burst.capacity_sentence)
-sp_burst_gain_sentence = _plain(burst.gain_sentence)
-sp_sensitivity_texts = _plain(sensitivity.texts)
-sp_strategies_middle_sentence = _plain(strategies.middle_sentence)
-sp_strategies_pooled_sentence = _plain(strategies.pooled_sentence)
-sp_strategies_spread_sentence = _plain(strategies.spread_sentence)
-sp_strategies_thesis_sentence = _plain(strategies.thesis_sentence)
-sp_strategies_two_sided = _plain(strategies.two_sided)
-sp_vllm_controls_sentence = _plain(vllm.controls_sentence)
-sp_vllm_texts = _plain(vllm.texts)
-sp_vllm_tpot_sentence = _plain(vllm.tpot_sentence)
+def said(f, *args, **kwargs):
+    """What a reading function says, with non-breaking spaces as plain ones."""
+    return sp(f(*args, **kwargs))
 
 
 def committed(chapter: str, name: str):
@@ -78,7 +64,7 @@ def _sens():
 
 def test_sensitivity_sentences_change_with_the_numbers():
     head, rho = _sens()
-    t = sp_sensitivity_texts(head, rho, 30)
+    t = said(sensitivity.texts, head, rho, 30)
     assert "99.7 %" in t["dominant"] and "whatever the weights say" in t["dominant"]
     assert "exactly as ShortGPT's Block Influence" in t["bi"] and "another name" in t["bi"]
     assert "cannot be told from none" in t["cost"] and t["cost_rho"] == "0.31"
@@ -87,11 +73,11 @@ def test_sensitivity_sentences_change_with_the_numbers():
     rho2 = copy.deepcopy(rho)
     rho2["LIS"]["-BI"] = 0.5
     rho2["LIS"]["-dNLL"] = 0.9
-    t2 = sp_sensitivity_texts(head2, rho2, 30)
+    t2 = said(sensitivity.texts, head2, rho2, 30)
     assert t2["dominant"].startswith("No term dominates LIS")
     assert "differently from how" in t2["bi"] and "another name" not in t2["bi"]
     assert "strong agreement" in t2["cost"] and "(the last)" in t2["dearest"]
-    assert "(the last)" not in sp_sensitivity_texts({**head, "dearest_layer": 12}, rho, 30)["dearest"]
+    assert "(the last)" not in said(sensitivity.texts, {**head, "dearest_layer": 12}, rho, 30)["dearest"]
 
 
 # --------------------------------------------------------------------------- chapter 2
@@ -103,21 +89,21 @@ def _row(k, versus, lo, hi, p=0.01, effect=None):
 def test_two_sided_names_wins_and_losses():
     rows = [_row(2, "greedy LIS", -0.5, -0.1, 0.008), _row(4, "greedy LIS", -0.7, -0.1, 0.033),
             _row(8, "greedy LIS", -0.5, 0.4), _row(12, "greedy LIS", 0.2, 0.8, 0.0016)]
-    text = sp_strategies_two_sided(rows, "greedy LIS")
+    text = said(strategies.two_sided, rows, "greedy LIS")
     assert "better at k = 2 (−0.30 %, p = 0.008) and k = 4" in text
     assert "worse at k = 12" in text and "the other 1 swap count" in text
     assert strategies.where_short(rows, "greedy LIS") == "better at k = 2 and 4, worse at k = 12"
     same = [_row(2, "greedy LIS", -0.1, 0.1)]
-    assert sp_strategies_two_sided(same, "greedy LIS").startswith("At no swap count")
+    assert said(strategies.two_sided, same, "greedy LIS").startswith("At no swap count")
     assert strategies.where_short(same, "greedy LIS") == "at no swap count significantly different"
     with pytest.raises(MorphError, match="no paired comparisons"):
-        sp_strategies_two_sided(rows, "best scattered")
+        said(strategies.two_sided, rows, "best scattered")
 
 
 def test_pooled_direction_comes_from_the_interval():
-    assert "about as often as not" in sp_strategies_pooled_sentence(0.5, [0.44, 0.57], 0.9, "greedy LIS")
-    assert "less often than not" in sp_strategies_pooled_sentence(0.37, [0.32, 0.42], 0.0006, "x")
-    assert "more often than not" in sp_strategies_pooled_sentence(0.7, [0.6, 0.8], 0.001, "x")
+    assert "about as often as not" in said(strategies.pooled_sentence, 0.5, [0.44, 0.57], 0.9, "greedy LIS")
+    assert "less often than not" in said(strategies.pooled_sentence, 0.37, [0.32, 0.42], 0.0006, "x")
+    assert "more often than not" in said(strategies.pooled_sentence, 0.7, [0.6, 0.8], 0.001, "x")
 
 
 def _records(ppl: dict[str, list[float]]):
@@ -127,12 +113,12 @@ def _records(ppl: dict[str, list[float]]):
 
 def test_spread_names_the_strategy_that_stands_apart_only_when_it_does():
     apart = _records({"block": [10.0, 10.1], "greedy_lis": [10.05, 10.0], "back_to_front": [10.4, 10.5]})
-    text = sp_strategies_spread_sentence(apart)
+    text = said(strategies.spread_sentence, apart)
     assert text.startswith("Every strategy but *last layers* lies within 1.0 %") and "4.0–5.0 % worse" in text
     assert strategies.stakes(apart) == "The stakes are small"
     mixed = _records({"block": [10.0, 10.5], "greedy_lis": [10.4, 10.0]})  # no strategy worse at every k
     assert strategies.clean_split(strategies.gaps(mixed))[1] == []
-    assert "no strategy standing apart" in sp_strategies_spread_sentence(mixed)
+    assert "no strategy standing apart" in said(strategies.spread_sentence, mixed)
     wide = _records({"block": [10.0, 10.0], "greedy_lis": [11.0, 10.0], "back_to_front": [20.0, 20.0]})
     assert strategies.stakes(wide) == "The choice matters"
 
@@ -147,12 +133,12 @@ def test_greedy_and_static_lis_sentence():
 
 def test_middle_sentence_says_where_the_block_sits():
     mid = {"best_block_centre": {"2": 0.2, "24": 0.53, "6": 0.13}, "middle_wins_at_k": [2]}
-    text = sp_strategies_middle_sentence(mid, [2, 6, 24])
+    text = said(strategies.middle_sentence, mid, [2, 6, 24])
     assert "0.13–0.53" in text and "0.13 at k = 6, 0.53 at k = 24" in text and "between the front and the middle" in text
     assert "1 of 3 swap counts (k = 2)" in text
-    front = sp_strategies_middle_sentence({"best_block_centre": {"2": 0.1, "4": 0.3}, "middle_wins_at_k": []}, [2, 4])
+    front = said(strategies.middle_sentence, {"best_block_centre": {"2": 0.1, "4": 0.3}, "middle_wins_at_k": []}, [2, 4])
     assert "never the middle" in front and front.endswith("of 2 swap counts.")
-    assert "in the middle" in sp_strategies_middle_sentence({"best_block_centre": {"2": 0.45, "4": 0.55},
+    assert "in the middle" in said(strategies.middle_sentence, {"best_block_centre": {"2": 0.45, "4": 0.55},
                                                           "middle_wins_at_k": [2, 4]}, [2, 4])
 
 
@@ -161,11 +147,11 @@ def test_thesis_outcome_follows_the_verdict_labels():
     paired, records = committed("strategies", "paired.json"), committed("strategies", "records.json")
     both = {**head, "verdict_contiguous_vs_lis": "supported: x", "verdict_contiguous_vs_best_scattered":
             "'matches' supported, 'beats' not: y"}
-    assert sp_strategies_thesis_sentence(both, paired, records)[0] == "holds"
+    assert said(strategies.thesis_sentence, both, paired, records)[0] == "holds"
     one = {**both, "verdict_contiguous_vs_best_scattered": "not supported: z"}
-    assert sp_strategies_thesis_sentence(one, paired, records)[0] == "does not hold as stated"
+    assert said(strategies.thesis_sentence, one, paired, records)[0] == "does not hold as stated"
     part = {**both, "verdict_contiguous_vs_lis": "partly supported: w"}
-    assert sp_strategies_thesis_sentence(part, paired, records)[0] == "holds in part"
+    assert said(strategies.thesis_sentence, part, paired, records)[0] == "holds in part"
     with pytest.raises(MorphError, match="starts with its outcome"):
         strategies.verdict_label(": nothing")
 
@@ -263,45 +249,45 @@ def _overload(mean, caps=(13440, 22144), hours=(65.9, 16.5)):
 
 
 def test_capacity_sentence_tells_an_undersized_card_from_bursts():
-    under = sp_burst_capacity_sentence(_overload(16230.0), "azure-conv", "L4")
+    under = said(burst.capacity_sentence, _overload(16230.0), "azure-conv", "L4")
     assert "undersized for this trace on average" in under and "above the mean" in under
     assert "does not show bursts being absorbed" in under
-    still = sp_burst_capacity_sentence(_overload(30000.0), "azure-conv", "L4")
+    still = said(burst.capacity_sentence, _overload(30000.0), "azure-conv", "L4")
     assert "still below the mean" in still
-    bursty = sp_burst_capacity_sentence(_overload(2600.0, hours=(6.6, 2.4)), "azure-conv", "L4")
+    bursty = said(burst.capacity_sentence, _overload(2600.0, hours=(6.6, 2.4)), "azure-conv", "L4")
     assert "comes from bursts" in bursty and "absorbs part of them" in bursty
-    flat = sp_burst_capacity_sentence(_overload(2600.0, hours=(6.6, 6.6)), "azure-conv", "L4")
+    flat = said(burst.capacity_sentence, _overload(2600.0, hours=(6.6, 6.6)), "azure-conv", "L4")
     assert "does not reduce it" in flat
     with pytest.raises(MorphError, match="two swap counts"):
-        sp_burst_capacity_sentence(_overload(1.0)[:1], "azure-conv", "L4")
+        said(burst.capacity_sentence, _overload(1.0)[:1], "azure-conv", "L4")
 
 
 def test_burstiness_against_poisson():
     rows = [{"trace": "azure-code", "bin_s": 1, "peak_to_mean_rps": 26.1, "poisson_peak_to_mean_rps": 3.9},
             {"trace": "azure-conv", "bin_s": 1, "peak_to_mean_rps": 2.9, "poisson_peak_to_mean_rps": 2.9}]
-    assert "6.7 times what random arrivals" in sp_burst_burstiness_sentence(rows, "azure-code", 1)
-    assert "no burstier than random arrivals" in sp_burst_burstiness_sentence(rows, "azure-conv", 1)
+    assert "6.7 times what random arrivals" in said(burst.burstiness_sentence, rows, "azure-code", 1)
+    assert "no burstier than random arrivals" in said(burst.burstiness_sentence, rows, "azure-conv", 1)
     with pytest.raises(MorphError, match="no 10-s bins"):
-        sp_burst_burstiness_sentence(rows, "azure-code", 10)
+        said(burst.burstiness_sentence, rows, "azure-code", 10)
 
 
 def test_gain_sentence_on_the_committed_capacity():
     cap = committed("burst", "capacity.json")
-    text = sp_burst_gain_sentence(cap, "llama-2-7b", 512.0)
+    text = said(burst.gain_sentence, cap, "llama-2-7b", 512.0)
     assert text.startswith("For the llama-2-7b shape (512 KiB") and "but only" in text
     bigger_gain = [dict(r, gain_pct=99.0) if "H100" in r["card"] else r for r in cap]
-    assert "but only" not in sp_burst_gain_sentence(bigger_gain, "m", 1.0)
+    assert "but only" not in said(burst.gain_sentence, bigger_gain, "m", 1.0)
     cards = committed("burst", "summary.json")["provenance"]["params"]["cards"]
-    assert sp_burst_assumptions_sentence(cards).startswith("NVIDIA L4 24 GB: 4,000 prompt tokens/s")
+    assert said(burst.assumptions_sentence, cards).startswith("NVIDIA L4 24 GB: 4,000 prompt tokens/s")
 
 
 # --------------------------------------------------------------------------- chapter 6
 def test_controls_sentence_and_negative_control():
     head = {k: 1.0 for k, _ in vllm.CONTROLS} | {vllm.NEGATIVE: 0.59}
     assert vllm.controls_pass(head, {"other_method_match": 1.0}) == (5, 5, True)
-    assert "fails as it must" in sp_vllm_controls_sentence(head)
-    assert "does **not** fail" in sp_vllm_controls_sentence({**head, vllm.NEGATIVE: 1.0})
-    failing = sp_vllm_controls_sentence({**head, "restore_match": 0.9})
+    assert "fails as it must" in said(vllm.controls_sentence, head)
+    assert "does **not** fail" in said(vllm.controls_sentence, {**head, vllm.NEGATIVE: 1.0})
+    failing = said(vllm.controls_sentence, {**head, "restore_match": 0.9})
     assert failing.startswith("3 of 4 controls read 100 %; failing: a restore")
 
 
@@ -313,7 +299,7 @@ def test_reconciliation_against_chapter_2s_windows():
     rows = vllm.reconcile(cond, windows, ch2)
     assert rows and all(r["range_lo"] <= r["range_hi"] for r in rows)
     assert vllm.reconcile(cond, windows, ch2) == rows  # a fixed seed: the same ranges every build
-    t = sp_vllm_texts(head, committed("vllm", "controls.json"), cond, windows, params, ch2, 37.54)
+    t = said(vllm.texts, head, committed("vllm", "controls.json"), cond, windows, params, ch2, 37.54)
     assert "not comparable" in t["reconcile"] and f"{len(rows)} such effects" in t["reconcile"]
     assert "the block at k = " in t["reconcile"]
     # identical per-window losses in both chapters: every effect lies inside chapter 2's range
@@ -323,7 +309,7 @@ def test_reconciliation_against_chapter_2s_windows():
             for lay, key in by.items()}
     fake.update({f"block/{c['k']}": fake[by[c["layers"]]] for c in cond if c["strategy"] == "block"})
     assert all(r["inside"] for r in vllm.reconcile(cond, same, fake))
-    missing = sp_vllm_texts(head, {}, cond, windows, params, None, None)
+    missing = said(vllm.texts, head, {}, cond, windows, params, None, None)
     assert "not available" in missing["reconcile"]
     with pytest.raises(MorphError, match="nothing to reconcile"):
         vllm.reconcile_sentence([], 8, 64, 256, 512, 41.8, 37.5)
@@ -332,5 +318,5 @@ def test_reconciliation_against_chapter_2s_windows():
 def test_tpot_sentence_condition():
     head = {"tpot_ratio_swapped_vs_fp16": 1.028, "tpot_reps": 5, "tpot_ms_16bit": 36.3, "tpot_ms_swapped": 37.3,
             "tpot_ratio_median": 1.011}
-    assert "equal within 5 %" in sp_vllm_tpot_sentence(head)
-    assert "**not** within 5 %" in sp_vllm_tpot_sentence({**head, "tpot_ratio_swapped_vs_fp16": 1.2})
+    assert "equal within 5 %" in said(vllm.tpot_sentence, head)
+    assert "**not** within 5 %" in said(vllm.tpot_sentence, {**head, "tpot_ratio_swapped_vs_fp16": 1.2})
