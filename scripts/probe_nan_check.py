@@ -18,8 +18,9 @@ one was), built exactly as chapter 3 builds it (its gpu profile's ``build_engine
     python scripts/probe_nan_check.py --modes guard --repeats 1 --sanitizer initcheck
 
 ``--sanitizer initcheck|memcheck`` runs each child under ``compute-sanitizer`` (caching allocator off, so
-that a read of never-written device memory is reported: ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) and keeps the
-tail of its report. ``--out DIR`` also writes the results as ``DIR/probe_nan_check.json``.
+that a read of never-written device memory is reported: ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``; the probe then
+captures no CUDA graph) and keeps the tail of its report. ``--out DIR`` also writes the results as
+``DIR/probe_nan_check.json``.
 Prints one line per run and a summary; exits 1 when any run saw non-finite logits or failed.
 """
 
@@ -38,8 +39,11 @@ from pathlib import Path
 MODES = ("engine", "guard", "watch", "poison")
 
 
-def child(mode: str, shape: str) -> dict:
-    """One run in this process (the parent starts a fresh one per run)."""
+def child(mode: str, shape: str, graphs: bool) -> dict:
+    """One run in this process (the parent starts a fresh one per run); ``graphs=False``: no CUDA-graph
+    capture (under compute-sanitizer, whose runs turn the caching allocator off, which capture needs)."""
+    import dataclasses
+
     import torch
 
     from morphbook.experiments import transfer
@@ -50,6 +54,8 @@ def child(mode: str, shape: str) -> dict:
     cfg = transfer.Config.for_profile("gpu")
     device = torch.device("cuda")
     if mode == "engine":
+        if not graphs:
+            return {"ok": False, "error": "mode engine is the construction unchanged (graphs on): not with --sanitizer"}
         transfer.build_engine(shape, cfg, device, decode=True).close()
         return {"ok": True}
     built = {}
@@ -60,7 +66,7 @@ def child(mode: str, shape: str) -> dict:
     finally:
         transfer.LLM = real
     llm = LLM.__new__(LLM)  # LLM.__init__'s steps up to and including the probe
-    llm._check_config(built["econf"])
+    llm._check_config(dataclasses.replace(built["econf"], cuda_graphs=graphs))
     llm._start_memory_accounting()
     _, hf_config = llm._read_model(built["source"], None)
     llm._plan_layout(None)
@@ -96,7 +102,7 @@ def environment() -> dict:
 
 
 def run_child(mode: str, shape: str, sanitizer: str | None, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--shape", shape]
+    cmd = [sys.executable, __file__, "--child", mode, "--shape", shape] + (["--no-graphs"] if sanitizer else [])
     env = dict(os.environ)
     if sanitizer:
         tool = shutil.which("compute-sanitizer") or next(
@@ -132,14 +138,21 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--out", help="folder for probe_nan_check.json")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--no-graphs", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.shape)), flush=True)
+        print(json.dumps(child(args.child, args.shape, graphs=not args.no_graphs)), flush=True)
         return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         print(f"error: unknown mode(s) {unknown}: choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: this diagnostic needs a CUDA GPU (the probe's CPU check is tests/test_workspace_probe.py)",
+              file=sys.stderr)
         return 2
     report = {"environment": environment(), "shape": args.shape, "sanitizer": args.sanitizer, "runs": []}
     print(json.dumps(report["environment"]))
