@@ -36,6 +36,7 @@ from IPython.display import Markdown, display
 from morphbook.experiments.transfer import size_text
 from morphbook.publish import fmt
 from morphbook.publish.glue import glue_all
+from morphbook.publish.plotting import box_stats, boxes
 from morphbook.publish.readings import transfer as reading
 from morphbook.publish.tables import show_table
 
@@ -160,10 +161,8 @@ show_table(mine.assign(op=mine.to.map({"int4": "swap", "fp16": "restore"})),
 one = ops[ops.layers == 1]
 long = pd.DataFrame([{"shape": r.shape, "op": OPS[r.to], "chunk": size(r.chunk_bytes), "ms": v}
                      for r in one.itertuples() for v in r.samples_ms])
-alt.Chart(long).mark_boxplot(extent="min-max", size=18).encode(
-    x=alt.X("chunk:N", title="chunk size", sort=[size(n) for n in P["chunk_bytes"]]),
-    y=alt.Y("ms:Q", title="copy span of one layer (ms)", scale=alt.Scale(zero=False)),
-    color=alt.Color("op:N", title="op")).properties(width=160, height=200).facet(
+boxes(box_stats(long, ["shape", "op", "chunk"], "ms"), alt.X("chunk:N", title="chunk size", sort=[size(n) for n in P["chunk_bytes"]]),
+      "copy span of one layer (ms)", alt.Color("op:N", title="op")).properties(width=160, height=200).facet(
     column=alt.Column("op:N", title="op"), row=alt.Row("shape:N", title="shape")).resolve_scale(y="independent").properties(
     title="One layer's copy on the idle engine, every repeat")
 

@@ -35,6 +35,7 @@ import pandas as pd
 from morphbook.experiments.overlap import MODES, TARGETS
 from morphbook.publish import fmt
 from morphbook.publish.glue import glue_all
+from morphbook.publish.plotting import box_stats, boxes
 from morphbook.publish.readings import overlap as reading
 from morphbook.publish.tables import show_table
 
@@ -127,12 +128,11 @@ show_table(rows, {"model": "model", "batch": "batch", "none": "TPOT, no swap (ms
 
 # %%
 itl = pd.DataFrame([{"model": r.model, "batch": r.batch, "run": NAMES[r.mode], "ms": x} for r in R.itertuples() for x in r.itl_ms])
-alt.Chart(itl).mark_boxplot(extent="min-max").encode(
-    x=alt.X("run:N", title="run", sort=[NAMES[m] for m in MODES]),
-    y=alt.Y("ms:Q", title="inter-token latency (ms, log)", scale=alt.Scale(type="log")),
-    color=alt.Color("run:N", title="run", sort=[NAMES[m] for m in MODES])).properties(width=120, height=180).facet(
-    column=alt.Column("batch:O", title="batch"), row=alt.Row("model:N", title="model")).properties(
-    title="Every inter-token gap of every round (whiskers: fastest and slowest)")
+order = [NAMES[m] for m in MODES]
+boxes(box_stats(itl, ["model", "batch", "run"], "ms"), alt.X("run:N", title="run", sort=order),
+      "inter-token latency (ms, log)", alt.Color("run:N", title="run", sort=order), log=True, size=14).properties(
+    width=120, height=180).facet(column=alt.Column("batch:O", title="batch"), row=alt.Row("model:N", title="model")).properties(
+    title="Every inter-token gap of every round (box: quartiles; whiskers: fastest and slowest)")
 
 # %% [markdown]
 # ## FP16 against INT4 at each batch

@@ -9,7 +9,7 @@ start=$(date +%s)
 bash scripts/setup.sh --browser
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 echo "== pytest"
-.venv/bin/python -m pytest -q
+.venv/bin/python -m pytest -q --durations=15   # the slowest tests, for the CI-time budget
 echo "== pytest, chapter 6's vLLM environment"
 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
 echo "== stale-results check (MODIFIED or missing results fail; STALE is printed, and shown in red on its page)"

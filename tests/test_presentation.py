@@ -262,3 +262,17 @@ def test_times_table(tmp_path):
     assert "ran the chapters in 4.9 min in all" in md and "| 1. Layer sensitivity to INT4 | 95 s | 56 s |" in md
     assert "3.3 min (failed)" in md and "| INT4 linear kernels | — |" in md
     assert "no chapter has run yet" in timings.times_markdown(tmp_path / "none.json", tmp_path).lower()
+
+
+def test_box_stats_summarise_every_sample_in_one_row_per_box():
+    import pandas as pd
+
+    from morphbook.publish.plotting import box_stats, boxes
+
+    frame = pd.DataFrame({"run": ["a"] * 5 + ["b"] * 30000, "ms": list(range(1, 6)) + [2.0] * 30000})
+    stats = box_stats(frame, ["run"], "ms")
+    a = stats[stats.run == "a"].iloc[0]
+    assert (a["min"], a["q1"], a["median"], a["q3"], a["max"], a["n"]) == (1, 2, 3, 4, 5, 5)
+    assert len(stats) == 2 and int(stats[stats.run == "b"]["n"].iloc[0]) == 30000
+    spec = boxes(stats, "run:N", "ms", "run:N").to_dict()  # 30,005 samples: two rows reach the chart
+    assert len(spec["layer"]) == 3 and spec["layer"][0]["encoding"]["y"]["title"] == "ms"
