@@ -110,7 +110,9 @@ order = [strategy_name(s) for s in dict.fromkeys(cond["strategy"])]
 # same calibration windows as chapter 2), scores every layer set in transformers, starts the vLLM
 # engine, swaps each set in and out of the running engine (resetting the prefix cache each time),
 # times swaps and decoding, runs the negative control, and finally starts a second engine from a
-# checkpoint with one set's values written in. Chapter 2's layer sets come from its committed results.
+# checkpoint with one set's values written in. Chapter 2's layer sets are this chapter's declared input:
+# chapter 2's results of the same profile, read with their manifest checked and named in this result's
+# provenance (if chapter 2 is re-run, this chapter turns STALE).
 # The engine of this run: {glue:md}`ch6-engine`; its stages took {glue:md}`ch6-stages`.
 
 # %% [markdown]
