@@ -139,8 +139,8 @@ else:
 # %%
 OPS = {"int4": "swap (INT4 head)", "fp16": "restore (16-bit region)"}
 show_table(ops.assign(op=ops.to.map(OPS), chunk=ops.chunk_bytes.map(size), mib=ops.bytes / 2**20),
-           {"shape": "shape", "op": "op", "layers": "layers per request", "chunk": "chunk", "mib": "bytes (MiB)",
-            "n": "ops", "median_ms": "median span (ms)", "p99_ms": "P99 (ms)", "max_ms": "max (ms)",
+           {"shape": "shape", "op": "op", "layers": "layers", "chunk": "chunk", "mib": "MiB",
+            "n": "ops", "median_ms": "span, median (ms)", "p99_ms": "P99 (ms)",
             "copy_gbps": "chunk GB/s", "commit_ms": "commit (ms)", "host_ms": "host (ms)"},
            "Engine ops: one layer's copy, by request size and chunk size", "tbl-ch3-ops",
            formats={k: fmt.auto for k in ("mib", "median_ms", "p99_ms", "max_ms", "copy_gbps", "commit_ms", "host_ms")})
@@ -187,10 +187,10 @@ dots = alt.Chart(pts).mark_point(size=70, filled=True).encode(
 
 # %%
 show_table(raw[raw.packing != "ceiling"].assign(payload=lambda d: d.payload.str.upper(), packing=lambda d: d.packing.map(PACK)),
-           {"shape": "shape", "payload": "payload", "packing": "packing", "memory": "host memory",
+           {"shape": "shape", "payload": "payload", "packing": "packing", "memory": "host",
             "host_pinned": "pinned", "layers": "layers", "copies": "copies", "n": "repeats", "median_ms": "median (ms)",
-            "p99_ms": "P99 (ms)", "jitter": "P99 / median − 1", "gbps": "GB/s"},
-           "Raw copies into the engine's free KV blocks", "tbl-ch3-raw",
+            "p99_ms": "P99 (ms)", "jitter": "jitter", "gbps": "GB/s"},
+           "Raw copies into the engine's free KV blocks (jitter: P99 / median − 1)", "tbl-ch3-raw",
            formats={"median_ms": fmt.auto, "p99_ms": fmt.auto, "jitter": fmt.frac_pct, "gbps": lambda v: fmt.num(v, 1)})
 
 # %% [markdown]
@@ -217,16 +217,18 @@ alt.hconcat(alt.layer(slow, goal(3.0), data=c).properties(width=200, height=160)
 
 # %%
 ci = lambda v: "n/a" if v is None else fmt.interval(100 * v[0], 100 * v[1], 1)  # noqa: E731
+formats = {"quiet_step_ms": fmt.auto, "slowdown": lambda v: fmt.frac_pct(v), "swap_bw_vs_isolated": fmt.auto,
+           "restore_bw_vs_isolated": fmt.auto, "swap_effective_gbs": fmt.auto, "commit_stall_ms": fmt.auto,
+           "swap_to_use_ms": fmt.auto, "restore_to_use_ms": fmt.auto}
+setting = {"batch": "batch", "chunk": "chunk", "pace": "pacing"}
 show_table(c.assign(slow_ci=c.slowdown_ci95.map(ci)),
-           {"batch": "batch", "chunk": "chunk", "pace": "pacing", "quiet_step_ms": "quiet step (ms)",
-            "slowdown": "overlapped-step slowdown", "slow_ci": "95 % CI over events (%)",
-            "swap_bw_vs_isolated": "swap bandwidth / idle", "restore_bw_vs_isolated": "restore bandwidth / idle",
-            "swap_effective_gbs": "swap GB/s with pacing gaps", "commit_stall_ms": "commit stall (ms)",
-            "swap_to_use_ms": "swap to use (ms)", "restore_to_use_ms": "restore to use (ms)", "valid": "valid"},
-           "Every decode-contention setting", "tbl-ch3-contention",
-           formats={"quiet_step_ms": fmt.auto, "slowdown": lambda v: fmt.frac_pct(v), "swap_bw_vs_isolated": fmt.auto,
-                    "restore_bw_vs_isolated": fmt.auto, "swap_effective_gbs": fmt.auto, "commit_stall_ms": fmt.auto,
-                    "swap_to_use_ms": fmt.auto, "restore_to_use_ms": fmt.auto})
+           {**setting, "quiet_step_ms": "quiet step (ms)", "slowdown": "overlapped-step slowdown",
+            "slow_ci": "95 % CI over events (%)", "commit_stall_ms": "commit stall (ms)", "valid": "valid"},
+           "Every decode-contention setting: what the copies cost the decode", "tbl-ch3-contention", formats=formats)
+show_table(c, {**setting, "swap_bw_vs_isolated": "swap bandwidth / idle", "restore_bw_vs_isolated": "restore bandwidth / idle",
+               "swap_effective_gbs": "swap GB/s with pacing gaps", "swap_to_use_ms": "swap to use (ms)",
+               "restore_to_use_ms": "restore to use (ms)"},
+           "Every decode-contention setting: what the decode costs the copies", "tbl-ch3-contention-copies", formats=formats)
 
 # %% [markdown]
 # ### A timeline

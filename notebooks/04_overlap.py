@@ -119,12 +119,14 @@ rows = [{"model": m["model"], "batch": int(b), "none": r["tpot_ms"]["none"]["mea
          "maxs": r["itl_ms"]["side"]["max"], "maxy": r["itl_ms"]["sync"]["max"], "match": min(r["tokens_match"]),
          "valid": r["valid"]} for m in M for b, r in m["batches"].items()]
 show_table(rows, {"model": "model", "batch": "batch", "none": "TPOT, no swap (ms)", "side": "side / no swap (95 % CI)",
-                  "sync": "synchronous / no swap (95 % CI)", "prec": "side: precision part", "over": "side: overlap part",
-                  "p99s": "P99 ITL side / no swap", "p99y": "P99 ITL sync / no swap", "maxs": "max ITL side (ms)",
-                  "maxy": "max ITL sync (ms)", "match": "tokens side = sync", "valid": "valid"},
+                  "sync": "synchronous / no swap (95 % CI)", "prec": "side: precision part", "over": "side: overlap part"},
            "Time per output token against no swap, and its split into what INT4 compute changes and what remains",
-           "tbl-ch4-tpot", formats={"none": fmt.auto, "p99s": lambda v: fmt.num(v, 3), "p99y": lambda v: fmt.num(v, 3),
-                                    "maxs": fmt.auto, "maxy": fmt.auto, "match": fmt.frac_pct})
+           "tbl-ch4-tpot", formats={"none": fmt.auto})
+show_table(rows, {"model": "model", "batch": "batch", "p99s": "P99 ITL side / no swap", "p99y": "P99 ITL sync / no swap",
+                  "maxs": "max ITL side (ms)", "maxy": "max ITL sync (ms)", "match": "tokens side = sync", "valid": "valid"},
+           "Inter-token latency (ITL) against no swap, and whether the side-stream and synchronous runs agree",
+           "tbl-ch4-itl", formats={"p99s": lambda v: fmt.num(v, 3), "p99y": lambda v: fmt.num(v, 3),
+                                   "maxs": fmt.auto, "maxy": fmt.auto, "match": fmt.frac_pct})
 
 # %%
 itl = pd.DataFrame([{"model": r.model, "batch": r.batch, "run": NAMES[r.mode], "ms": x} for r in R.itertuples() for x in r.itl_ms])
@@ -174,15 +176,17 @@ st = [{"model": m["model"], "batch": int(b), "stall": r["boundary_stall_ms"]["me
        "host_s": r["host_ms_per_layer"]["int4"], "host_r": r["host_ms_per_layer"]["fp16"],
        "bw_s": r["copy_bw_vs_isolated"]["int4"], "bw_r": r["copy_bw_vs_isolated"]["fp16"], "dropped": r["dropped_events"]}
       for m in M for b, r in m["batches"].items()]
+formats = {"stall": fmt.auto, "p99": fmt.auto, "max": fmt.auto, "slow": fmt.frac_pct,
+           "slow_ci": lambda v: "n/a" if v is None else fmt.frac_interval(*v, 1), "host_s": fmt.auto,
+           "host_r": fmt.auto, "bw_s": lambda v: fmt.num(v, 3), "bw_r": lambda v: fmt.num(v, 3)}
 show_table(st, {"model": "model", "batch": "batch", "stall": "boundary stall, median (ms)", "p99": "P99 (ms)", "max": "max (ms)",
                 "n": "commit steps", "slow": "overlapped-step slowdown", "slow_ci": "95 % CI over events",
-                "steps": "overlapped steps", "host_s": "host ms per layer, swap", "host_r": "host ms per layer, restore",
-                "bw_s": "copy bandwidth / isolated, swap", "bw_r": "copy bandwidth / isolated, restore",
-                "dropped": "events never asked for"},
-           "Side-stream runs: boundary stall, overlapped steps, host time and copy bandwidth", "tbl-ch4-side",
-           formats={"stall": fmt.auto, "p99": fmt.auto, "max": fmt.auto, "slow": fmt.frac_pct,
-                    "slow_ci": lambda v: "n/a" if v is None else fmt.frac_interval(*v, 1), "host_s": fmt.auto,
-                    "host_r": fmt.auto, "bw_s": lambda v: fmt.num(v, 3), "bw_r": lambda v: fmt.num(v, 3)})
+                "steps": "overlapped steps"},
+           "Side-stream runs: boundary stall and overlapped steps", "tbl-ch4-side", formats=formats)
+show_table(st, {"model": "model", "batch": "batch", "host_s": "host time per layer, swap (ms)",
+                "host_r": "host time per layer, restore (ms)", "bw_s": "copy bandwidth / isolated, swap",
+                "bw_r": "copy bandwidth / isolated, restore", "dropped": "events never asked for"},
+           "Side-stream runs: host time and copy bandwidth", "tbl-ch4-side-host", formats=formats)
 
 # %% [markdown]
 # ## A timeline

@@ -436,7 +436,7 @@ todo = replays["todo"]
 if todo:
     show_table([{"slice": t["slice"], "missing": len(t["missing"]), "stale": len(t["stale"])} for t in todo],
                {"slice": "slice", "missing": "replays missing", "stale": "replays stale"},
-               "Slices still to run, in order (bash scripts/gpu_burst.sh SLICE)", "tbl-ch5-todo")
+               "Slices still to run, in order (one device call each; the reproduce page gives the command)", "tbl-ch5-todo")
 
 # %% [markdown]
 # ## The paper's comparison

@@ -60,7 +60,11 @@ def markdown_table(rows: Sequence[Mapping], columns: Mapping[str, str], caption:
     head = "| " + " | ".join(columns[k].replace("|", "\\|") for k in keys) + " |"
     rule = "| " + " | ".join("---:" if align[k] == "right" else ":---" for k in keys) + " |"
     body = ["| " + " | ".join(cell_text(r.get(k), formats.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join([f":::{{table}} {caption}", f":name: {label}", "", head, rule, *body, ":::", ""])
+    options = [f":name: {label}"] + ([":class: wide"] if len(keys) >= WIDE_COLUMNS else [])
+    return "\n".join([f":::{{table}} {caption}", *options, "", head, rule, *body, ":::", ""])
+
+
+WIDE_COLUMNS = 9  # from this many columns a table is set in smaller type with tighter cells (book/_static/morphbook.css)
 
 
 def frame_rows(frame) -> list[dict]:
