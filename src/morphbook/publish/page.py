@@ -150,16 +150,22 @@ def provenance_text(shown: Shown) -> str:
         sentence += (f" This build re-ran the chapter on the {shown.ran.upper()} profile as a check; those numbers "
                      "are not shown.")
     if shown.status.state == "MODIFIED":
-        return (f"```{{admonition}} Modified results\n:class: danger\n{shown.status.message.split('(', 1)[1].rstrip(')')}"
+        return (f"```{{admonition}} Modified results\n:class: danger\n{_reason(shown.status)}"
                 f": the detail files no longer match the run that made them. Rerun the chapter.\n```\n\n{sentence}\n")
     if shown.status.state == "STALE":
-        why = shown.status.message.split("(", 1)[1].rstrip(")") if "(" in shown.status.message else "its code changed"
+        why = _reason(shown.status) or "its code changed"
         return (f"```{{admonition}} Stale results\n:class: danger\nThese numbers were made at commit "
                 f"**{short_commit(prov)}**, and what made them has changed since: {why}. They await a rerun.\n```\n\n"
                 f"{sentence}\n")
     if prov.get("profile") != "gpu":
         return f"```{{warning}}\n{sentence} These are not the book's published numbers.\n```\n"
     return f"*{sentence}*\n"
+
+
+def _reason(st) -> str:
+    """What a status message says after its state: "STALE (x)" and "STALE: x" both give "x"."""
+    rest = st.message.removeprefix(st.state).strip()
+    return rest[1:].rstrip(")") if rest.startswith("(") else rest.removeprefix(":").strip()
 
 
 def glue_key(chapter_name: str) -> str:
