@@ -161,10 +161,11 @@ show_table(pf, {"model": "model", "batch": "batch", "layers": "INT4 layers", "fa
 # %%
 show_table(reading.event_rows(M),
            {"model": "model", "batch": "batch", "event": "event", "isolated_copy_ms": "isolated copy (ms)",
-            "latency_ms": "side: request to use (ms)", "copy_plus_one_step_ms": "copy + 1 step (ms)",
+            "latency_ms": "side: to use (ms)", "copy_plus_one_step_ms": "copy + 1 step (ms)",
             "copy_plus_two_steps_ms": "copy + 2 steps (ms)", "side_stall_ms": "side: stall (ms)",
-            "sync_stall_ms": "synchronous: stall (ms)", "sync_stall_vs_copy": "synchronous stall / copy"},
-           "Per event kind (median over its repeats): request-to-use latency, and the stall its commit steps carried",
+            "sync_stall_ms": "sync: stall (ms)", "sync_stall_vs_copy": "sync: stall / copy"},
+           "Per event kind (median over its repeats): the side stream's latency from request to use, and the stall "
+           "the commit steps carried on the side stream and in the synchronous (sync) mode",
            "tbl-ch4-events", formats={k: fmt.auto for k in ("isolated_copy_ms", "latency_ms", "copy_plus_one_step_ms",
                                                            "copy_plus_two_steps_ms", "side_stall_ms", "sync_stall_ms",
                                                            "sync_stall_vs_copy")})

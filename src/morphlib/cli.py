@@ -13,6 +13,39 @@ import torch
 from morphlib.errors import one_line_errors
 
 
+def _preflight(args, texts) -> None:
+    """Refuse bad input before the slow work (loading the weights, the sanity gate, AWQ): empty or missing
+    texts, and, from the model's config alone, layers out of range and a group size that does not divide
+    every projection's input width. An unreadable config is left to ``load_model``, which names the cause."""
+    from transformers import AutoConfig
+
+    from morphlib.errors import MorphError, check_int
+    from morphlib.eval.corpus import documents
+    from morphlib.models import resolve_model_source
+    from morphlib.quant.int4 import check_group_size
+
+    if texts != "default":
+        for split in ("calibration", "heldout"):
+            documents(split, texts)
+    source, kwargs = resolve_model_source(args.model)
+    try:
+        cfg = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return
+    cfg = getattr(cfg, "text_config", None) or cfg
+    try:
+        n, hidden, inter = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        heads_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads)
+    except AttributeError:
+        return  # not a decoder config we can read: load_model's family check says why
+    for idx in args.layers or ():
+        check_int(f"layer index (the model has {n} layers)", idx, lo=0, hi=n - 1)
+    for k, where in ((hidden, "q/k/v/gate/up_proj"), (heads_width, "o_proj"), (inter, "down_proj")):
+        check_group_size(k, args.group_size, where)
+    if args.layers and len(set(args.layers)) != len(args.layers):
+        raise MorphError(f"duplicate layer indices in {sorted(args.layers)}")
+
+
 def _layer_costs(args) -> None:
     from tqdm.auto import tqdm
 
@@ -23,6 +56,7 @@ def _layer_costs(args) -> None:
     from morphlib.structure import check_layers
 
     texts = resolve_texts(args.texts, args.calibration_texts, args.heldout_texts)  # fail before the slow work
+    _preflight(args, texts)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
     layers = check_layers(model, args.layers) if args.layers else None  # fail before the slow work

@@ -160,6 +160,58 @@ def _table(text: str) -> _Table | None:
     return _Table(units, skeleton, flat)
 
 
+PROFILE_DEFAULTS = "DEFAULTS"  # a module-level {profile: {field: value}} dict (the experiments' configs)
+
+
+def _profile_entry_lines(tree: ast.Module, text_lines: list[str]) -> dict[str, set[int]] | None:
+    """{profile: the 0-based lines of its entry} in the module's ``DEFAULTS = {"<profile>": ..., ...}``
+    assignment; {} when there is none; None when an entry shares a line with anything else (then the
+    entries cannot be told apart line by line)."""
+    found: dict[str, set[int]] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == PROFILE_DEFAULTS and isinstance(node.value, ast.Dict)):
+            continue
+        d = node.value
+        spans = []
+        for key, value in zip(d.keys, d.values):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                return None
+            spans.append((key.value, key.lineno, value.end_lineno))
+        owner: dict[int, str] = {}
+        for name, a, b in spans:
+            for i in range(a, b + 1):
+                if i in owner:
+                    return None
+                owner[i] = name
+        if owner and (min(owner) <= node.lineno or max(owner) >= node.end_lineno):
+            return None  # "DEFAULTS = {" or the closing brace on an entry's line
+        for name, a, b in spans:
+            found.setdefault(name, set()).update(range(a - 1, b))
+    return found
+
+
+def skeleton_for_profile(text: str, profile: str) -> str | None:
+    """The skeleton hash of a source text without the ``DEFAULTS`` entries of profiles other than
+    ``profile``: what a result made with ``profile`` depends on. None when the text does not parse or its
+    entries cannot be told apart by line."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    lines = _lines(text)
+    entries = _profile_entry_lines(tree, lines)
+    if entries is None:
+        return None
+    other = set().union(*(ls for name, ls in entries.items() if name != profile)) if entries else set()
+    docs = _docstring_lines(tree)
+    plain: set[int] = set()
+    for _, node in _defs(tree.body):
+        if not node.decorator_list:
+            plain.update(range(node.lineno - 1, node.end_lineno))
+    return _digest(lines, lambda i: i not in plain and i not in docs and i not in other)
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")

@@ -156,6 +156,8 @@ def apply_rate_rule(plan: Plan, tasks: list[dict], payloads: list[dict]) -> tupl
 
 def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, progress=print) -> dict:
     """The calibration slice of a setting (see the module doc)."""
+    from morphbook.experiments.base import cpu_threads
+
     t0 = time.perf_counter()
     fields = engine_fields(setting)
     llm = build_llm(setting, fields)
@@ -163,10 +165,11 @@ def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, pr
         eng = engine_record(llm)
         progress(f"engine: {eng['main_blocks']} KV blocks + {eng['tail_blocks']} per swapped layer, weights {eng['weights']}")
         bench_plan = BenchPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in setting.bench.items()})
-        bench = run_microbench(llm, bench_plan)
-        progress(f"micro-benchmark: {len(bench['steps'])} steps in {bench['seconds']:.0f} s")
-        s = plan.data["slo"]
-        latency = unloaded_latency(llm, s["ttft_prompts"], reps=s["reps"], tpot_tokens=s["tpot_tokens"])
+        with cpu_threads("cpu" if setting.runs_on == "cpu" else "cuda"):  # one torch thread on CPU, as in the replays
+            bench = run_microbench(llm, bench_plan)
+            progress(f"micro-benchmark: {len(bench['steps'])} steps in {bench['seconds']:.0f} s")
+            s = plan.data["slo"]
+            latency = unloaded_latency(llm, s["ttft_prompts"], reps=s["reps"], tpot_tokens=s["tpot_tokens"])
     finally:
         _close(llm)
     del llm
@@ -199,7 +202,18 @@ def fit_models(steps: list[dict], scenarios: list[str], fields: dict) -> tuple[d
 # --------------------------------------------------------------------------- a replay slice
 def replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays, calibration: dict, sets: dict, *,
                            traces_dir=None, deadline_s: float | None = None, progress=print) -> dict[str, dict]:
-    """The replays of one window under the given (policy, repeat) pairs (see the module doc); {key: record}."""
+    """The replays of one window under the given (policy, repeat) pairs (see the module doc); {key: record}.
+    On a CPU setting the engine runs with one torch thread (``experiments.base.cpu_threads``: with two,
+    OpenMP's spin-waits made the CPU instrument's repeats of one replay differ by up to 56 % in P95 TTFT)."""
+    from morphbook.experiments.base import cpu_threads
+
+    with cpu_threads("cpu" if setting.runs_on == "cpu" else "cuda"):
+        return _replay_window_policies(plan, setting, window, replays, calibration, sets, traces_dir=traces_dir,
+                                       deadline_s=deadline_s, progress=progress)
+
+
+def _replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays, calibration: dict, sets: dict, *,
+                            traces_dir=None, deadline_s: float | None = None, progress=print) -> dict[str, dict]:
     if calibration.get("prereg") != plan.digest:
         raise MorphError(f"the calibration of {setting.name} was made under another pre-registration: re-run "
                          f"{setting.name}.calibrate")

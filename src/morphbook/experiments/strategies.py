@@ -31,7 +31,7 @@ DEFAULTS = {
     "gpu": dict(ks=(2, 4, 6, 8, 10, 12, 16, 20, 24), seed_protocol_ks=(2, 4, 8, 11), n_random=20, calib_windows=16,
                 heldout_windows=64, window_len=512, prompts=16, prompt_len=32, new_tokens=32, awq_tokens=4096,
                 awq_grid=20),
-    "cpu": dict(ks=(2, 4), seed_protocol_ks=(2,), n_random=3, calib_windows=4, heldout_windows=6, window_len=128,
+    "cpu": dict(ks=(2, 4), seed_protocol_ks=(2,), n_random=3, calib_windows=3, heldout_windows=4, window_len=64,
                 prompts=2, prompt_len=16, new_tokens=8, awq_tokens=512, awq_grid=10),
 }
 

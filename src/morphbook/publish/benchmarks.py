@@ -41,6 +41,7 @@ ENGINE_LABELS = {
     "decisive_excluded_share": ("Positions left out as not decisive (fp32 top-2 gap within 4 bf16 ulps)", "share"),
     "kv_blocks_l4_vs_arithmetic": ("Llama-2-7B KV blocks in an L4's budget over chapter 5's capacity arithmetic", "ratio"),
     "peak_over_budget_bytes": ("Llama-2-7B engine's memory peak over its L4 budget (construction and serving)", "bytes"),
+    "budget_used_at_peak": ("Llama-2-7B engine's memory peak as a share of its L4 budget (the worse of construction and serving)", "ratio"),
 }
 BANDS = {"rows_1": ("1 row", 1, 1), "rows_1_4096x4096": ("1 row, 4096×4096", 1, 1), "rows_le_8": ("1–8 rows", 1, 8),
          "rows_le_16": ("1–16 rows", 1, 16), "rows_16_256": ("16–256 rows", 16, 256),
@@ -185,7 +186,7 @@ def step_chart(rows: list[dict]) -> dict:
         color=alt.Color("weights:N", title="weights"),
         strokeDash=alt.StrokeDash("line:N", title="line", sort=["measured step", "HBM roofline"]),
         tooltip=["model", "batch", "weights", "line", alt.Tooltip("ms:Q", format=".3f")],
-    ).properties(width=210, height=200).facet(column=alt.Column("model:N", title="model shape")).resolve_scale(y="independent")
+    ).properties(width=185, height=200).facet(column=alt.Column("model:N", title="model shape")).resolve_scale(y="independent")
     return chart.properties(title="Decode step time, INT4 against FP16, by batch size").to_dict()
 
 

@@ -6,6 +6,9 @@ results of its own (e.g. ``results/families/gemma3-270m/``):
 * ``ok`` — every unit of the code that ran (``morphlib.fingerprint``, recorded in the provenance) has
   the same hash in the files now, every input it read is the same result, and every detail file
   matches the sha256 manifest its run recorded;
+  A module skeleton that changed only in its ``DEFAULTS`` entries for *other* profiles (the CPU
+  profile's sizes, for a GPU result) counts as ok: git shows the file at the run's (clean) commit, and the
+  two skeletons without those entries must agree; without git history it counts as changed;
 * ``STALE`` — a function it ran, a module it loaded (constants, classes, decorated defs such as Triton
   kernels) or an input changed since: the line names them, e.g. ``STALE:
   morphlib/quant/int4.py::quantize_groupwise changed since 547228e`` or ``STALE (input strategies re-run
@@ -31,6 +34,7 @@ from pathlib import Path
 from morphbook.chapters import ALL, NAMES, chapter
 from morphbook.publish.codehash import unit_states
 from morphbook.publish.store import SUMMARY_NAME, changed_files, identity, load_summary, names
+from morphlib import fingerprint
 from morphlib.errors import one_line_errors
 
 
@@ -71,6 +75,40 @@ def _stale_inputs(prov: dict, chapter_name: str, results_root) -> list[str]:
     return out
 
 
+def _text_at(commit: str, rel: str) -> str | None:
+    """The source file ``rel`` (under the fingerprint's source root) as commit ``commit`` holds it, from git;
+    None when there is no git history to ask (a shallow or exported copy) or no such file."""
+    import subprocess
+
+    path = (fingerprint.source_root() / rel).resolve()
+    try:
+        top = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=30)
+        if top.returncode:
+            return None
+        inside = path.relative_to(Path(top.stdout.strip()).resolve()).as_posix()
+        shown = subprocess.run(["git", "-C", top.stdout.strip(), "show", f"{commit}:{inside}"], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _other_profiles_only(unit: str, recorded: str, prov: dict) -> bool:
+    """True when a module skeleton ``unit`` changed only in the ``DEFAULTS`` entries of profiles other than
+    the one the result ran (e.g. the CPU profile's sizes, for a GPU result): the file at the run's commit
+    must be the one the fingerprint hashed (a clean tree), and both files must separate their entries."""
+    rel, _, name = unit.partition("::")
+    git, profile = prov.get("git") or {}, (prov.get("params") or {}).get("profile")
+    if name != fingerprint.MODULE or not git.get("commit") or git.get("dirty") or prov.get("reverified") or not profile:
+        return False
+    old, now = _text_at(git["commit"], rel), fingerprint._read(fingerprint.source_root() / rel)
+    if old is None or now is None or fingerprint._table(old) is None or fingerprint._table(old).skeleton != recorded:
+        return False
+    before, after = fingerprint.skeleton_for_profile(old, profile), fingerprint.skeleton_for_profile(now, profile)
+    return before is not None and before == after
+
+
 def status(chapter_name: str, summary: dict | None, results_root: str | os.PathLike = "results") -> Status:
     """The state of one chapter's results in ``results_root`` (``summary``: its loaded summary.json, or None)."""
     if summary is None:
@@ -82,10 +120,13 @@ def status(chapter_name: str, summary: dict | None, results_root: str | os.PathL
     if not prov.get("fingerprint"):
         return Status(chapter_name, "STALE", f"STALE (made before per-function fingerprints, at {commit}: re-run)", commit)
     states = unit_states(prov["fingerprint"])
-    moved = [f"{n} (gone)" if s == "gone" else n for n, s in states.items() if s != "ok"]
+    others = [n for n, s in states.items() if s == "changed" and _other_profiles_only(n, prov["fingerprint"][n], prov)]
+    moved = [f"{n} (gone)" if s == "gone" else n for n, s in states.items() if s != "ok" and n not in others]
     inputs = _stale_inputs(prov, chapter_name, results_root)
     if not moved and not inputs:
-        return Status(chapter_name, "ok", "ok", commit)
+        note = (f" (since {commit}, {names([n.partition('::')[0] for n in others])} changed only other profiles' "
+                f"defaults)") if others else ""
+        return Status(chapter_name, "ok", "ok" + note, commit)
     input_text = f"input {', '.join(inputs)} re-run since"
     if not moved:
         return Status(chapter_name, "STALE", f"STALE ({input_text})", commit)
