@@ -296,12 +296,12 @@ else:
 # %% [markdown]
 # ## A second model family: Gemma-3 270M
 #
-# The primary protocol on Gemma-3 270M (see chapter 1) on the small CPU profile (few held-out
-# windows and two swap counts, far too few windows to separate strategies; a GPU-profile run is
-# still to come), without the cross-domain checks.
+# The primary protocol on Gemma-3 270M (see chapter 1), run on a CPU at small sizes (two swap counts,
+# 128-token windows, 4 calibration and 6 held-out: far too few windows to separate strategies; a
+# GPU-profile run is still to come), without the cross-domain checks.
 
 # %% tags=["remove-input"]
-fam = show_saved("strategies", "results/families/gemma3-270m", "Gemma-3 270M, CPU profile, primary protocol")
+fam = show_saved("strategies", "results/families/gemma3-270m", "Gemma-3 270M, on CPU at small sizes, primary protocol")
 if fam is None:
     glue("g2-summary", "No saved results for this family.", markdown=True)
 else:
