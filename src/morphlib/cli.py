@@ -19,10 +19,10 @@ def _preflight(args, texts) -> None:
     every projection's input width. An unreadable config is left to ``load_model``, which names the cause."""
     from transformers import AutoConfig
 
-    from morphlib.errors import MorphError, check_int
     from morphlib.eval.corpus import documents
     from morphlib.models import resolve_model_source
     from morphlib.quant.int4 import check_group_size
+    from morphlib.structure import check_layer_indices
 
     if texts != "default":
         for split in ("calibration", "heldout"):
@@ -38,12 +38,9 @@ def _preflight(args, texts) -> None:
         heads_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads)
     except AttributeError:
         return  # not a decoder config we can read: load_model's family check says why
-    for idx in args.layers or ():
-        check_int(f"layer index (the model has {n} layers)", idx, lo=0, hi=n - 1)
+    check_layer_indices(n, args.layers or ())
     for k, where in ((hidden, "q/k/v/gate/up_proj"), (heads_width, "o_proj"), (inter, "down_proj")):
         check_group_size(k, args.group_size, where)
-    if args.layers and len(set(args.layers)) != len(args.layers):
-        raise MorphError(f"duplicate layer indices in {sorted(args.layers)}")
 
 
 def _layer_costs(args) -> None:

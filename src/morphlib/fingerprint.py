@@ -136,6 +136,11 @@ class _Table:
 
 
 @lru_cache(maxsize=512)
+def _plain_def_lines(tree: ast.Module) -> set[int]:
+    """The 0-based lines of undecorated defs: not part of the module's skeleton."""
+    return {i for _, node in _defs(tree.body) if not node.decorator_list for i in range(node.lineno - 1, node.end_lineno)}
+
+
 def _table(text: str) -> _Table | None:
     """The unit and skeleton hashes of a source text (None when it does not parse)."""
     try:
@@ -145,12 +150,10 @@ def _table(text: str) -> _Table | None:
     lines = _lines(text)
     docs = _docstring_lines(tree)
     spans: dict[str, list[tuple[int, int]]] = {}
-    plain: set[int] = set()  # lines of undecorated defs: not part of the skeleton
     for name, node in _defs(tree.body):
         first = min([node.lineno] + [d.lineno for d in node.decorator_list])
         spans.setdefault(name, []).append((first, node.end_lineno))
-        if not node.decorator_list:
-            plain.update(range(node.lineno - 1, node.end_lineno))
+    plain = _plain_def_lines(tree)
     units = {}
     for name, ranges in spans.items():  # a name defined twice (if/else) hashes both defs
         wanted = {i for a, b in ranges for i in range(a - 1, b)} - docs
@@ -163,7 +166,7 @@ def _table(text: str) -> _Table | None:
 PROFILE_DEFAULTS = "DEFAULTS"  # a module-level {profile: {field: value}} dict (the experiments' configs)
 
 
-def _profile_entry_lines(tree: ast.Module, text_lines: list[str]) -> dict[str, set[int]] | None:
+def _profile_entry_lines(tree: ast.Module) -> dict[str, set[int]] | None:
     """{profile: the 0-based lines of its entry} in the module's ``DEFAULTS = {"<profile>": ..., ...}``
     assignment; {} when there is none; None when an entry shares a line with anything else (then the
     entries cannot be told apart line by line)."""
@@ -199,17 +202,28 @@ def skeleton_for_profile(text: str, profile: str) -> str | None:
         tree = ast.parse(text)
     except SyntaxError:
         return None
-    lines = _lines(text)
-    entries = _profile_entry_lines(tree, lines)
+    entries = _profile_entry_lines(tree)
     if entries is None:
         return None
-    other = set().union(*(ls for name, ls in entries.items() if name != profile)) if entries else set()
-    docs = _docstring_lines(tree)
-    plain: set[int] = set()
-    for _, node in _defs(tree.body):
-        if not node.decorator_list:
-            plain.update(range(node.lineno - 1, node.end_lineno))
-    return _digest(lines, lambda i: i not in plain and i not in docs and i not in other)
+    left_out = _plain_def_lines(tree) | _docstring_lines(tree)
+    left_out |= set().union(*(ls for name, ls in entries.items() if name != profile)) if entries else set()
+    return _digest(_lines(text), lambda i: i not in left_out)
+
+
+def skeleton(text: str) -> str | None:
+    """The skeleton hash of a source text (as a fingerprint's ``<module>`` entry); None when it does not parse."""
+    table = _table(text)
+    return table.skeleton if table is not None else None
+
+
+def only_other_profiles_changed(rel: str, old_text: str, profile: str) -> bool:
+    """True when file ``rel`` on disk now and ``old_text`` (the same file at an earlier commit) differ in their
+    skeletons only by the ``DEFAULTS`` entries of profiles other than ``profile``."""
+    now = _read(source_root() / rel)
+    if now is None:
+        return False
+    before, after = skeleton_for_profile(old_text, profile), skeleton_for_profile(now, profile)
+    return before is not None and before == after
 
 
 def _read(path: Path) -> str | None:

@@ -127,6 +127,14 @@ def check_layers(model: nn.Module, layers) -> list[int]:
     return sorted(out)
 
 
+def check_layer_indices(n: int, layers) -> list[int]:
+    """``check_layers`` for a model known only by its layer count ``n`` (e.g. from its config, before loading)."""
+    out = [check_int(f"layer index (the model has {n} layers)", idx, lo=0, hi=n - 1) for idx in layers]
+    if len(set(out)) != len(out):
+        raise MorphError(f"duplicate layer indices in {sorted(out)}")
+    return sorted(out)
+
+
 def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     """Linear projections of one decoder layer, by dotted name (q/k/v/o_proj, gate/up/down_proj...)."""
     found = {name: mod for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, Int4Linear))}

@@ -154,10 +154,15 @@ def apply_rate_rule(plan: Plan, tasks: list[dict], payloads: list[dict]) -> tupl
     return rows, chosen
 
 
-def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, progress=print) -> dict:
-    """The calibration slice of a setting (see the module doc)."""
+def _threads(setting: Setting):
+    """One torch thread while a CPU setting's engine runs (``experiments.base.cpu_threads``); a no-op on a GPU."""
     from morphbook.experiments.base import cpu_threads
 
+    return cpu_threads("cpu" if setting.runs_on == "cpu" else "cuda")
+
+
+def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, progress=print) -> dict:
+    """The calibration slice of a setting (see the module doc)."""
     t0 = time.perf_counter()
     fields = engine_fields(setting)
     llm = build_llm(setting, fields)
@@ -165,7 +170,7 @@ def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, pr
         eng = engine_record(llm)
         progress(f"engine: {eng['main_blocks']} KV blocks + {eng['tail_blocks']} per swapped layer, weights {eng['weights']}")
         bench_plan = BenchPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in setting.bench.items()})
-        with cpu_threads("cpu" if setting.runs_on == "cpu" else "cuda"):  # one torch thread on CPU, as in the replays
+        with _threads(setting):  # one torch thread on CPU, as in the replays
             bench = run_microbench(llm, bench_plan)
             progress(f"micro-benchmark: {len(bench['steps'])} steps in {bench['seconds']:.0f} s")
             s = plan.data["slo"]
@@ -205,9 +210,7 @@ def replay_window_policies(plan: Plan, setting: Setting, window: tuple, replays,
     """The replays of one window under the given (policy, repeat) pairs (see the module doc); {key: record}.
     On a CPU setting the engine runs with one torch thread (``experiments.base.cpu_threads``: with two,
     OpenMP's spin-waits made the CPU instrument's repeats of one replay differ by up to 56 % in P95 TTFT)."""
-    from morphbook.experiments.base import cpu_threads
-
-    with cpu_threads("cpu" if setting.runs_on == "cpu" else "cuda"):
+    with _threads(setting):
         return _replay_window_policies(plan, setting, window, replays, calibration, sets, traces_dir=traces_dir,
                                        deadline_s=deadline_s, progress=progress)
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,20 +77,28 @@ def _stale_inputs(prov: dict, chapter_name: str, results_root) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _git_top(folder: str) -> str | None:
+    """The top of the git checkout holding ``folder``, or None (no git, or not a checkout)."""
+    try:
+        top = subprocess.run(["git", "-C", folder, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return top.stdout.strip() if top.returncode == 0 else None
+
+
 def _text_at(commit: str, rel: str) -> str | None:
     """The source file ``rel`` (under the fingerprint's source root) as commit ``commit`` holds it, from git;
     None when there is no git history to ask (a shallow or exported copy) or no such file."""
-    import subprocess
-
     path = (fingerprint.source_root() / rel).resolve()
+    top = _git_top(str(fingerprint.source_root()))
+    if top is None:
+        return None
     try:
-        top = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=30)
-        if top.returncode:
-            return None
-        inside = path.relative_to(Path(top.stdout.strip()).resolve()).as_posix()
-        shown = subprocess.run(["git", "-C", top.stdout.strip(), "show", f"{commit}:{inside}"], capture_output=True,
-                               text=True, timeout=30)
+        inside = path.relative_to(Path(top).resolve()).as_posix()
+        shown = subprocess.run(["git", "-C", top, "show", f"{commit}:{inside}"], capture_output=True, text=True,
+                               timeout=30)
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
     return shown.stdout if shown.returncode == 0 else None
@@ -102,11 +112,9 @@ def _other_profiles_only(unit: str, recorded: str, prov: dict) -> bool:
     git, profile = prov.get("git") or {}, (prov.get("params") or {}).get("profile")
     if name != fingerprint.MODULE or not git.get("commit") or git.get("dirty") or prov.get("reverified") or not profile:
         return False
-    old, now = _text_at(git["commit"], rel), fingerprint._read(fingerprint.source_root() / rel)
-    if old is None or now is None or fingerprint._table(old) is None or fingerprint._table(old).skeleton != recorded:
-        return False
-    before, after = fingerprint.skeleton_for_profile(old, profile), fingerprint.skeleton_for_profile(now, profile)
-    return before is not None and before == after
+    old = _text_at(git["commit"], rel)
+    return (old is not None and fingerprint.skeleton(old) == recorded
+            and fingerprint.only_other_profiles_changed(rel, old, profile))
 
 
 def status(chapter_name: str, summary: dict | None, results_root: str | os.PathLike = "results") -> Status:
