@@ -48,7 +48,8 @@ def tiny_llm():
 
 def test_tensor_pieces_cover_each_payload_and_raw_plans_copy_exactly(tiny_llm):
     lay = tiny_llm.layout
-    for payload, size, count in (("int4", lay.head_bytes, 14), ("fp16", lay.region_bytes, 7)):
+    # INT4: packed + scale_zero of 4 matrices (qkv, o, gate_up, down); 16-bit: the 7 projections' rows
+    for payload, size, count in (("int4", lay.head_bytes, 8), ("fp16", lay.region_bytes, 7)):
         pieces = sorted(tr.tensor_pieces(lay, payload))
         assert len(pieces) == count
         assert all(a + n <= b for (a, n), (b, _) in zip(pieces, pieces[1:]))  # disjoint, in order

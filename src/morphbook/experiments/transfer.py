@@ -251,8 +251,8 @@ def run_plan(plan, stream=None) -> int:
 
 
 def tensor_pieces(layout, payload: str) -> list[tuple[int, int]]:
-    """(offset, bytes) of each tensor of a layer's INT4 head (packed, scales per projection) or of its 16-bit
-    region (each projection's rows of the fused matrices), in the engine's layout."""
+    """(offset, bytes) of each tensor of a layer's INT4 head (packed, scales per INT4 matrix: qkv, o, gate_up,
+    down) or of its 16-bit region (each projection's rows of the fused matrices), in the engine's layout."""
     if payload == "int4":
         return [(p.offset, p.nbytes) for pieces in layout.int4.values() for p in pieces.values()]
     s, e = layout.spec, layout.elem

@@ -56,12 +56,17 @@ PLAN_S = {"fixed": 8.0, "per_row": 0.085, "gemlite_fixed": 6.0, "gemlite_per_row
 # ----------------------------------------------------------------------------- shapes
 
 
-def model_shapes(models=MODELS, group_size: int = 64) -> list[dict]:
-    """Distinct (N, K) linear shapes of the given model configs, with the projections that have them."""
+def model_shapes(models=MODELS, group_size: int = 64, fused: bool = False) -> list[dict]:
+    """Distinct (N, K) linear shapes of the given model configs, with the projections that have them;
+    ``fused``: also the serving engine's fused INT4 matrices ``qkv`` and ``gate_up`` (what it launches)."""
     out = []
     for model in models:
         by_shape: dict[tuple[int, int], list[str]] = {}
-        for name, (n, k) in linear_shapes(SHAPES[model]).items():
+        shapes = linear_shapes(SHAPES[model])
+        if fused:
+            (q, h), (kv, _), (i, _) = shapes["q_proj"], shapes["k_proj"], shapes["gate_proj"]
+            shapes = {**shapes, "qkv": (q + 2 * kv, h), "gate_up": (2 * i, h)}
+        for name, (n, k) in shapes.items():
             by_shape.setdefault((n, k), []).append(name)
         for (n, k), names in by_shape.items():
             if k % group_size == 0:
@@ -305,7 +310,7 @@ def run_tune(models=None, rows=ROWS, group_sizes=(64,), device=None, deadline_s:
     t0 = time.perf_counter()
     jobs = []
     for g in group_sizes:
-        for s in shapes or model_shapes(models or MODELS, g):
+        for s in shapes or model_shapes(models or MODELS, g, fused=True):  # the engine's matrices too
             if s["k"] % g == 0:
                 jobs.append((s, g))
     keys = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from morphlib.engine.memory import LINEARS, Arena, Layout
+from morphlib.engine.memory import FUSED, LINEARS, Arena, Layout
 from morphlib.quant.int4 import Int4Linear, pack, unpack
 
 
@@ -37,14 +37,31 @@ def _region(arena: Arena, layout: Layout, layer: int, name: str) -> torch.Tensor
     return arena.view(layout.region(layer) + p.offset, p.shape, p.dtype)
 
 
+def _rows(layout: Layout, name: str) -> tuple[str, int, int]:
+    """(16-bit matrix, first row, end row) of projection ``name`` in a layer region."""
+    for matrix, members in FUSED.items():
+        start = 0
+        for m in members:
+            n = layout.shapes[m][0]
+            if m == name:
+                return matrix, start, start + n
+            start += n
+    raise KeyError(name)
+
+
 def linear_weight(arena: Arena, layout: Layout, layer: int, name: str) -> torch.Tensor:
     """The 16-bit [N, K] weight of one projection (a row slice of the fused matrices)."""
-    s = layout.spec
-    qd, kvd, i = s.q_dim, s.kv_dim, s.intermediate
-    rows = {"q_proj": ("qkv", 0, qd), "k_proj": ("qkv", qd, qd + kvd), "v_proj": ("qkv", qd + kvd, qd + 2 * kvd),
-            "o_proj": ("o", 0, s.hidden), "gate_proj": ("gate_up", 0, i), "up_proj": ("gate_up", i, 2 * i),
-            "down_proj": ("down", 0, s.hidden)}[name]
-    return _region(arena, layout, layer, rows[0])[rows[1]:rows[2]]
+    matrix, a, b = _rows(layout, name)
+    return _region(arena, layout, layer, matrix)[a:b]
+
+
+def int4_source_weight(arena: Arena, layout: Layout, layer: int, matrix: str) -> torch.Tensor:
+    """The 16-bit rows that INT4 matrix ``matrix`` quantizes (``layout.int4_members``): a view, its
+    projections' rows back to back as the region holds them."""
+    members = layout.int4_members[matrix]
+    fp16, a, _ = _rows(layout, members[0])
+    _, _, b = _rows(layout, members[-1])
+    return _region(arena, layout, layer, fp16)[a:b]
 
 
 @torch.no_grad()
@@ -96,12 +113,14 @@ CHUNK_ELEMS = 8 << 20  # weights quantized per piece on the device (float tempor
 
 
 def quantize_layer(arena: Arena, layout: Layout, layer: int, symmetric: bool) -> dict:
-    """The engine's own RTN INT4 twins of one layer's projections (on the arena's device). Row-major
-    layouts are quantized a few rows at a time (RTN is per row and group: the same bytes), so that the
-    temporaries of a 7B projection stay small enough for the engine's construction to keep its budget."""
+    """The engine's own RTN INT4 twins of one layer's INT4 matrices (``layout.int4``: q/k/v as one
+    ``qkv``, gate/up as one ``gate_up``; on the arena's device). RTN is per row and group, so a fused
+    matrix holds exactly the rows of its projections quantized apart; for the same reason row-major
+    layouts are quantized a few rows at a time, so that the temporaries of a 7B projection stay small
+    enough for the engine's construction to keep its budget."""
     out = {}
-    for name in LINEARS:
-        w = linear_weight(arena, layout, layer, name)
+    for name in layout.int4:
+        w = int4_source_weight(arena, layout, layer, name)
         n, k = w.shape
         rows = max(1, CHUNK_ELEMS // k) if layout.int4_layouts[name] in ("triton", "plain") else n
         parts = [Int4Linear.from_weight(w[r:r + rows], group_size=layout.group_size, symmetric=symmetric,
@@ -114,20 +133,23 @@ def quantize_layer(arena: Arena, layout: Layout, layer: int, symmetric: bool) ->
 
 
 def twins_from_morpher(morpher, layer: int, layout: Layout) -> dict:
-    """A Morpher's INT4 twins of one layer, re-packed when its layout differs from this device's."""
+    """A Morpher's INT4 twins of one layer as ``layout.int4``'s matrices: the projections of a fused
+    matrix stacked row-wise (their 4-bit codes and scale/zero pairs unchanged), re-packed when the
+    Morpher's layout differs from this device's."""
     out = {}
-    for name in LINEARS:
-        twin = morpher._int4[layer][_morpher_name(morpher._int4[layer], name)]
-        n, k = layout.shapes[name]
-        packed = twin.packed
+    for name, members in layout.int4_members.items():
+        twins = [morpher._int4[layer][_morpher_name(morpher._int4[layer], m)] for m in members]
+        k = layout.int4_shapes[name][1]
         want = layout.int4_layouts[name]
-        if twin.layout != want:
-            q = unpack(packed.to(layout.device), twin.layout, n, k)
+        if len(twins) == 1 and twins[0].layout == want:
+            packed = twins[0].packed
+        else:
+            q = torch.cat([unpack(t.packed.to(layout.device), t.layout, t.out_features, k) for t in twins])
             packed = pack(q, want)
-        d = {"packed": packed, "scale_zero": twin.scale_zero}
-        if layout.awq:
-            inv = twin.input_scale_inv
-            d["input_scale_inv"] = inv if inv is not None else torch.ones(k, dtype=twin.scale_zero.dtype)
+        d = {"packed": packed, "scale_zero": torch.cat([t.scale_zero for t in twins], dim=1)}
+        if layout.awq:  # one projection per matrix (memory.py)
+            inv = twins[0].input_scale_inv
+            d["input_scale_inv"] = inv if inv is not None else torch.ones(k, dtype=twins[0].scale_zero.dtype)
         out[name] = d
     return out
 

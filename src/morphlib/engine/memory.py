@@ -6,10 +6,13 @@ Layout (byte offsets, every piece aligned to ``ALIGN``)::
     | staging slot 0 | staging slot 1 | KV main pool: block 0, block 1, ... |
 
 A layer region holds the layer's 16-bit projections as four matrices, ``qkv`` [q+k+v rows, H],
-``o``, ``gate_up`` [2I rows, H] and ``down``: q/k/v and gate/up sit back to back, so one GEMM runs
-each fused pair. A swapped layer's INT4 bytes (each projection's ``packed`` and ``scale_zero`` in the
-layout ``morphlib.quant.int4.packed_specs`` gives for this device, plus an AWQ ``input_scale_inv``
-when the source has one) occupy the region's *head*, ``head_bytes`` long; the *tail* after
+``o``, ``gate_up`` [2I rows, H] and ``down`` (``FUSED``): q/k/v and gate/up sit back to back, so one
+GEMM runs each fused pair. A swapped layer's INT4 bytes occupy the region's *head*, ``head_bytes``
+long: the same four matrices quantized as four INT4 matrices (``packed`` and ``scale_zero`` in the
+layout ``morphlib.quant.int4.packed_specs`` gives for this device; RTN is per row and group, so the
+fused matrix's rows are the separate projections' rows), one INT4 launch each. With AWQ input scales
+(one per projection, ``morphlib.awq``: q/k/v do not share theirs) each projection stays its own INT4
+matrix with its ``input_scale_inv`` (``int4_members`` / ``int4_of`` say which). The *tail* after
 ``align(head_bytes)`` holds ``tail_blocks`` whole KV blocks. The head/tail split is the same for every
 layer (same shapes), so it is plain arithmetic.
 
@@ -35,10 +38,18 @@ from morphlib.quant.int4 import choose_layout, packed_specs
 
 ALIGN = 256
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the 16-bit matrices of a layer region and the projections whose rows each holds, in row order
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+         "down": ("down_proj",)}
 
 
 def align(n: int, a: int = ALIGN) -> int:
     return -(-n // a) * a
+
+
+def stacked_shape(shapes: dict, members) -> tuple[int, int]:
+    """(N, K) of the projections ``members`` stacked row-wise (they share K)."""
+    return sum(shapes[m][0] for m in members), shapes[members[0]][1]
 
 
 def _nbytes(shape, dtype) -> int:
@@ -89,18 +100,21 @@ class Layout:
         self.shapes = shapes
         self.fp16: dict[str, Piece] = {}
         r = 0
-        for name, rows, k in (("qkv", spec.q_dim + 2 * spec.kv_dim, h), ("o", h, spec.q_dim),
-                              ("gate_up", 2 * spec.intermediate, h), ("down", h, spec.intermediate)):
+        for name, members in FUSED.items():
+            rows, k = stacked_shape(shapes, members)
             self.fp16[name] = Piece(r, (rows, k), dtype)
             r += rows * k * _nbytes((1,), dtype)
         self.region_bytes = align(r)
 
-        # ---- the INT4 head of a region (layout chosen for this device, never hard-coded)
+        # ---- the INT4 head of a region (layout chosen for this device, never hard-coded): its matrices,
+        # the projections each holds (int4_members) and those that compute each 16-bit matrix (int4_of)
+        self.int4_members = {name: (name,) for name in LINEARS} if awq else dict(FUSED)
+        self.int4_of = dict(FUSED) if awq else {name: (name,) for name in FUSED}
+        self.int4_shapes = {name: stacked_shape(shapes, members) for name, members in self.int4_members.items()}
         self.int4: dict[str, dict[str, Piece]] = {}
         self.int4_layouts: dict[str, str] = {}
         hoff = 0
-        for name in LINEARS:
-            n, k = shapes[name]
+        for name, (n, k) in self.int4_shapes.items():
             layout = choose_layout(n, k, device)
             self.int4_layouts[name] = layout
             specs = packed_specs(n, k, group_size, layout)

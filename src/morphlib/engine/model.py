@@ -3,7 +3,11 @@ per layer (16-bit fused GEMMs, or morphlib's INT4 kernels on the bytes at the he
 paged attention, final norm and LM head on the rows that sample.
 
 Numerics follow Hugging Face's LlamaForCausalLM op by op (the torch path is exact on CPU; the Triton
-path rounds like it), except that on the GPU q/k/v and gate/up run as one GEMM each in 16 bit.
+path rounds like it), except that on the GPU q/k/v and gate/up run as one GEMM each in 16 bit. An INT4
+layer runs four INT4 matmuls (qkv, o, gate_up, down; ``Layout.int4``) on every device, seven when AWQ
+scales keep the projections apart. A fused matrix holds its projections' INT4 rows unchanged, so its
+outputs are theirs: bitwise on CPU, within the INT4 kernels' tolerance on the GPU, whose kernel plan
+depends on N (tests/test_engine_fused.py).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 
 from morphlib.engine import attention as attn
 from morphlib.engine import ops
-from morphlib.engine.memory import LINEARS, Arena, Layout
+from morphlib.engine.memory import Arena, Layout
 from morphlib.quant.int4 import int4_matmul
 
 
@@ -50,9 +54,15 @@ class Model:
         return frozenset(self.int4_layers)
 
     # ------------------------------------------------------------------ pieces
-    def _int4(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+    def _int4(self, x: torch.Tensor, layer: int, matrix: str) -> torch.Tensor:
+        """16-bit matrix ``matrix``'s output (``qkv``, ``o``, ``gate_up``, ``down``) from the layer's INT4
+        head: one launch per INT4 matrix that holds its rows (one; one per projection with AWQ scales)."""
+        ys = [self._int4_matmul(x, layer, name) for name in self.layout.int4_of[matrix]]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+    def _int4_matmul(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
         p = self.int4[layer][name]
-        n, k = self.layout.shapes[name]
+        n, k = self.layout.int4_shapes[name]
         y = int4_matmul(x.to(torch.bfloat16), p["packed"], p["scale_zero"], n=n, k=k,
                         group_size=self.layout.group_size, layout=self.layout.int4_layouts[name],
                         input_scale_inv=p.get("input_scale_inv"), mode="fast")  # the fastest kernel per row count
@@ -95,7 +105,7 @@ class Model:
             int4 = layer in self.int4_layers
             w = self.fp16[layer]
             if int4:
-                q, k, v = (self._int4(x, layer, n) for n in ("q_proj", "k_proj", "v_proj"))
+                q, k, v = self._int4(x, layer, "qkv").split([qd, kvd, kvd], dim=-1)
             elif self.fuse:
                 q, k, v = F.linear(x, w["qkv"]).split([qd, kvd, kvd], dim=-1)
             else:
@@ -108,16 +118,16 @@ class Model:
                 q = ops.rope_store_ref(q, k, v, positions, self.cos, self.sin, self.kv, slot, k_off, v_off,
                                        spec.num_heads, spec.num_kv_heads)
             o = self._attention(q, layer, meta)
-            h = self._int4(o, layer, "o_proj") if int4 else F.linear(o, self.fp16[layer]["o"])
+            h = self._int4(o, layer, "o") if int4 else F.linear(o, self.fp16[layer]["o"])
             x, res = self._norm(h, res, self.norms[layer, 1])
             if int4:
-                g, u = self._int4(x, layer, "gate_proj"), self._int4(x, layer, "up_proj")
+                g, u = self._int4(x, layer, "gate_up").split([inter, inter], dim=-1)
             elif self.fuse:
                 g, u = F.linear(x, w["gate_up"]).split([inter, inter], dim=-1)
             else:
                 g, u = F.linear(x, w["gate_up"][:inter]), F.linear(x, w["gate_up"][inter:])
             a = ops.silu_mul_triton(g, u) if self.use_triton else ops.silu_mul_ref(g, u)
-            h = self._int4(a, layer, "down_proj") if int4 else F.linear(a, self.fp16[layer]["down"])
+            h = self._int4(a, layer, "down") if int4 else F.linear(a, self.fp16[layer]["down"])
         if sample_rows is not None:
             h, res = h[sample_rows], res[sample_rows]
         x, _ = self._norm(h, res, self.final_norm)
@@ -132,10 +142,11 @@ class Model:
 
 def int4_head_blob(layout: Layout, twins: dict) -> torch.Tensor:
     """The bytes of one layer's INT4 head (CPU uint8 [head_bytes]) from its twins' buffers
-    {name: {"packed", "scale_zero", "input_scale_inv"?}}, placed as ``layout.int4`` says."""
+    {INT4 matrix: {"packed", "scale_zero", "input_scale_inv"?}} (``loader.quantize_layer``,
+    ``loader.twins_from_morpher``), placed as ``layout.int4`` says."""
     blob = torch.zeros(layout.head_bytes, dtype=torch.uint8)
-    for name in LINEARS:
-        for field, piece in layout.int4[name].items():
+    for name, pieces in layout.int4.items():
+        for field, piece in pieces.items():
             t = twins[name][field].detach().to("cpu").contiguous()
             if tuple(t.shape) != piece.shape or t.dtype != piece.dtype:
                 raise AssertionError(f"{name}.{field}: {tuple(t.shape)} {t.dtype}, layout wants {piece.shape} {piece.dtype}")

@@ -33,7 +33,7 @@ def estimate_cpu(layout: Layout, cfg: EngineConfig) -> int:
     t = cfg.max_num_batched_tokens
     act = t * (6 * s.hidden + 2 * (s.q_dim + 2 * s.kv_dim) + 4 * s.intermediate) * 4
     logits = cfg.max_num_seqs * s.vocab * 4 * 2
-    dequant = max(n * k for n, k in layout.shapes.values()) * 12
+    dequant = max(n * k for n, k in layout.int4_shapes.values()) * 12  # one INT4 matrix at a time
     return act + logits + dequant + (64 << 20)
 
 
