@@ -225,3 +225,26 @@ def test_gpu_fused_all_int4_step_matches_the_separate_projections(monkeypatch):
     # 30 layers of bf16 rounding in two kernel plans; a wrong row split or scale gives O(1) (a bound, not measured)
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 5e-2, rel
+
+
+def test_tune_missing_lists_only_the_fused_shapes_and_merge_keeps_the_old_entries():
+    """``bench --tune-missing`` after the fusion: the shipped H200 table lacks exactly the engine's qkv and
+    gate_up matrices of each model; merging a new record adds them and keeps every tuned entry."""
+    from morphlib.bench import kernels as qb
+    from morphlib.errors import MorphError
+    from morphlib.quant import int4
+
+    old = int4.tuning_table()["devices"]["NVIDIA H200"]
+    missing = qb.missing_shapes(old)
+    assert {name for s in missing for name in s["linears"]} == {"qkv", "gate_up"}
+    assert len(missing) == 2 * len(qb.MODELS)
+    llama = SHAPES["llama-2-7b"]
+    assert {"model": "llama-2-7b", "n": 3 * llama["hidden_size"], "k": llama["hidden_size"], "linears": ["qkv"]} in missing
+    assert qb.missing_shapes({"entries": {**old["entries"], **{int4.shape_key(s["n"], s["k"], 64): {} for s in missing}}}) == []
+    new = {"capability": [9, 0], "sm_count": 132, "made": {"date": "d"}, "entries": {"12288x4096/g64": {"1": {}}}}
+    merged = qb.merge_record(old, new)
+    assert merged["entries"] == {**old["entries"], "12288x4096/g64": {"1": {}}}
+    assert merged["made"][-1] == {"date": "d"} and len(merged["made"]) == 2
+    assert qb.merge_record(None, new) is new
+    with pytest.raises(MorphError):
+        qb.merge_record(None, None)

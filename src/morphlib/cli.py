@@ -99,17 +99,27 @@ def _bench(args) -> None:
         if args.n is None or args.k is None:
             raise MorphError("--n and --k go together")
         shapes = [{"model": "custom", "n": args.n, "k": args.k, "linears": ["custom"]}]
-    if args.tune:
+    if args.tune or args.tune_missing:
         from morphlib.quant import int4
 
+        name = torch.cuda.get_device_name(args.device or 0) if torch.cuda.is_available() else None
+        if name is None:
+            raise MorphError("--tune needs a CUDA GPU (none is visible)")
+        old = int4.tuning_table().get("devices", {}).get(name) if args.tune_missing else None
+        if args.tune_missing:
+            shapes = qb.missing_shapes(old, models=args.models, group_sizes=args.group_sizes)
+            print(f"tune: {len(shapes)} shape(s) missing from {name}'s table: "
+                  + (", ".join(f"{s['n']}x{s['k']} ({'/'.join(s['linears'])})" for s in shapes) or "none"))
         record = qb.run_tune(models=args.models, shapes=shapes, rows=args.rows, group_sizes=args.group_sizes,
-                             device=args.device, deadline_s=args.tune_deadline)
-        name = torch.cuda.get_device_name(args.device or 0)
+                             device=args.device, deadline_s=args.tune_deadline) if shapes != [] else None
+        record = qb.merge_record(old, record) if args.tune_missing else record
         table = qb.install_table(name, record)
         out = args.table_out or str(int4.TABLE_PATH)
         with open(out, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print(f"tuning table for {name} written to {out}")
+        if args.tune_missing:
+            return  # the table only: run `bench` again to time the kernels it chooses
     results = []
     for g in args.group_sizes:
         results.append(qb.run_bench(models=args.models, shapes=shapes, rows=args.rows, group_size=g,
@@ -205,6 +215,10 @@ def main(argv=None) -> None:
                        help="write every row and the headline to this JSON file (default: none)")
     bench.add_argument("--tune", action="store_true",
                        help="first measure candidate kernels and write this card's tuning table, CUDA only "
+                            "(default: off)")
+    bench.add_argument("--tune-missing", action="store_true",
+                       help="tune only the shapes this card's table lacks (the engine's fused qkv / gate_up "
+                            "matrices, say), keep its other entries, write the table and stop, CUDA only "
                             "(default: off)")
     bench.add_argument("--table-out", default=None, metavar="FILE",
                        help="with --tune: where to write the table (default: the package's)")

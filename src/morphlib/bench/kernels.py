@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from morphlib.bench import gemlite
 from morphlib.bench.timing import copy_bandwidth_gbps, time_cpu, time_cuda
 from morphlib.device import resolve_device
+from morphlib.errors import MorphError
 from morphlib.quant import int4
 from morphlib.shapes import SHAPES, int4_nbytes, linear_shapes
 
@@ -364,6 +365,28 @@ def _triton_version() -> str | None:
         return triton.__version__
     except ImportError:
         return None
+
+
+def missing_shapes(record: dict | None, models=None, group_sizes=(64,)) -> list[dict]:
+    """The shapes (the engine's fused matrices included) that this card's table ``record`` has no
+    entry for, at any of ``group_sizes``."""
+    have = set((record or {}).get("entries", {}))
+    out = []
+    for s in model_shapes(models or MODELS, group_sizes[0], fused=True):
+        if any(s["k"] % g == 0 and int4.shape_key(s["n"], s["k"], g) not in have for g in group_sizes):
+            out.append(s)
+    return out
+
+
+def merge_record(old: dict | None, new: dict | None) -> dict:
+    """``old``'s entries with ``new``'s added (``new`` wins on a shape both hold); ``made`` lists both runs."""
+    if old is None or new is None:
+        if new is None and old is None:
+            raise MorphError("nothing to merge: no table for this card and no shape tuned")
+        return new or old
+    made = [*(old["made"] if isinstance(old.get("made"), list) else [old.get("made")]), new.get("made")]
+    return {**old, **{k: new[k] for k in ("capability", "sm_count")},
+            "made": [m for m in made if m], "entries": {**old.get("entries", {}), **new.get("entries", {})}}
 
 
 def install_table(device_name: str, record: dict) -> dict:
