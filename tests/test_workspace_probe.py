@@ -6,6 +6,8 @@ owns, never written) makes attention the first non-finite op and sampling a one-
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,17 +25,49 @@ HF = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden
 CFG = EngineConfig(device="cpu", max_num_seqs=4, max_num_batched_tokens=64, graph_buckets=(1, 2, 4), max_model_len=32)
 
 
-@pytest.fixture
-def cpu_probe(monkeypatch):
-    """measure_cuda on CPU: CUDA's allocator statistics read 0, the model runs the torch path."""
+@pytest.fixture(params=[CFG, dataclasses.replace(CFG, max_num_seqs=1, graph_buckets=(1,))], ids=["4 seqs", "1 seq"])
+def cpu_probe(monkeypatch, request):
+    """measure_cuda on CPU: CUDA's allocator statistics read 0, the model runs the torch path. With one sequence
+    (chapter 3's second engine) the 64-token budget once made one 64-token prompt, past the 32 rope positions."""
+    cfg = request.param
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
     monkeypatch.setattr(workspace, "Model", lambda *a, use_triton: Model(*a, use_triton=False))
+    layout = Layout(ModelSpec.from_hf_config(HF), torch.float32, torch.device("cpu"), cfg.block_size, cfg.group_size,
+                    False, cfg.staging_slots, cfg.max_model_len)
+    return lambda: workspace.measure_cuda(layout, HF, cfg, cfg.max_model_len)
+
+
+@pytest.mark.parametrize("t_max", [1, 7, 64, 2048, 5000])
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 32, 256])
+@pytest.mark.parametrize("max_model_len", [2, 17, 256, 4096])
+def test_probe_lengths_form_a_step_the_scheduler_could(t_max, max_num_seqs, max_model_len):
+    long_lens, many_lens = workspace.probe_lengths(t_max, max_num_seqs, max_model_len)
+    largest = min(t_max, max_num_seqs * (max_model_len - 1))
+    for lens in (long_lens, many_lens):
+        assert sum(lens) == largest and 1 <= len(lens) <= max_num_seqs
+        assert all(1 <= n <= max_model_len - 1 for n in lens)
+    assert len(many_lens) == min(max_num_seqs, largest) and max(many_lens) - min(many_lens) <= 1
+
+
+def test_a_position_past_the_rope_table_is_a_one_line_error():
+    """Chapter 3's NaN on the H200: a 2048-token probe prompt in a 256-position engine read rope rows past the
+    table (memory another engine had left). The runner now refuses such a step before any kernel runs."""
+    from morphlib.engine.sequence import SamplingParams, Sequence
+
     layout = Layout(ModelSpec.from_hf_config(HF), torch.float32, torch.device("cpu"), CFG.block_size, CFG.group_size,
                     False, CFG.staging_slots, CFG.max_model_len)
-    return lambda: workspace.measure_cuda(layout, HF, CFG, CFG.max_model_len)
+    layout.set_main_blocks(8)
+    from morphlib.engine.memory import Arena
+
+    model = Model(layout, Arena(layout.arena_bytes(), layout.device), layout.block_base(), use_triton=False)
+    runner = Runner(model, layout.block_base().tolist(), 1, 8, (1,), False)
+    seq = Sequence(0, [1] * 40, SamplingParams(max_tokens=1, temperature=0.0), 0.0)
+    seq.block_table = list(range(3))
+    with pytest.raises(MorphError, match="position 39, past the engine's 32 positions"):
+        runner.run([(seq, 40)])
 
 
 def test_probe_reads_only_memory_it_wrote(cpu_probe):

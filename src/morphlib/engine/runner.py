@@ -40,6 +40,7 @@ class Runner:
         self.bs = self.layout.block_size
         self.max_bs = max(buckets)
         self.max_blocks = max_blocks
+        self.max_positions = model.cos.shape[0]  # the rope table's rows: no position may reach past them
         self.buckets = buckets
         self.use_graphs = use_graphs and self.device.type == "cuda" and model.use_triton
         self.graphs: dict = {}
@@ -74,6 +75,9 @@ class Runner:
         ids, pos, slot, q_start, q_len, ctx, tables, rows, sampled = [], [], [], [], [], [], [], [], []
         for seq, n in batch:
             c0 = seq.num_computed
+            if c0 + n > self.max_positions:
+                raise MorphError(f"sequence {seq.id} would reach position {c0 + n - 1}, past the engine's "
+                                 f"{self.max_positions} positions (max_model_len)")
             q_start.append(len(ids))
             ids.extend(seq.tokens(c0, c0 + n))
             pos.extend(range(c0, c0 + n))

@@ -38,6 +38,21 @@ def estimate_cpu(layout: Layout, cfg: EngineConfig) -> int:
 
 
 @torch.no_grad()
+def probe_lengths(t_max: int, max_num_seqs: int, max_model_len: int) -> tuple[list[int], list[int]]:
+    """The prompt lengths of the probe's two steps: the largest step the scheduler can form, as few long
+    sequences (largest activations) and as ``max_num_seqs`` short ones, all sampled (largest logits). No
+    sequence is longer than ``max_model_len - 1`` tokens (a position past the rope table reads memory no
+    one wrote: NaN on a reused GPU) and no step holds more than ``max_num_seqs`` sequences."""
+    cap = max(1, max_model_len - 1)
+    t = min(t_max, max_num_seqs * cap)
+    long_lens, left = [], t
+    while left > 0:
+        long_lens.append(min(left, cap))
+        left -= long_lens[-1]
+    n_many = min(max_num_seqs, t)
+    return long_lens, [t // n_many + (i < t % n_many) for i in range(n_many)]
+
+
 def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: int) -> dict:
     dev = layout.device
     spec = layout.spec.with_layers(1)
@@ -46,13 +61,7 @@ def measure_cuda(layout: Layout, hf_config, cfg: EngineConfig, max_model_len: in
     buckets = cfg.buckets()
     mb = max(buckets)
     max_blocks = -(-max_model_len // layout.block_size)
-    long_lens = []  # the step's token budget as few long sequences (largest activations)
-    left = t_max
-    while left > 0:
-        long_lens.append(min(left, max_model_len - 1))
-        left -= long_lens[-1]
-    n_many = min(cfg.max_num_seqs, t_max)  # ... and as many short ones, all sampled (largest logits)
-    many_lens = [t_max // n_many + (i < t_max % n_many) for i in range(n_many)]
+    long_lens, many_lens = probe_lengths(t_max, cfg.max_num_seqs, max_model_len)
     blocks = lambda lens: sum(-(-n // layout.block_size) for n in lens)  # noqa: E731
     lay.set_main_blocks(max(blocks(long_lens), blocks(many_lens)) + 2)
     torch.cuda.synchronize(dev)
