@@ -255,3 +255,16 @@ def test_each_setting_builds_its_engine_model(monkeypatch):
     assert seen[-1][0] == "shape:llama-2-7b" and seen[-1][1].card == "L4" and seen[-1][1].kv_blocks is None
     burst_slices.build_llm(PLAN.setting("cpu-micro"), burst_slices.engine_fields(PLAN.setting("cpu-micro")))
     assert seen[-1][0].config.num_hidden_layers == 4 and seen[-1][1].kv_blocks == 80
+
+
+def test_rate_rule_leaves_out_rates_at_which_a_trace_holds_no_window():
+    """The first GPU calibration (H200, 2026-12-03) stopped at BurstGPT's head: at 5.6 req/s a 72-s replay
+    window is 39,337 s of a 37,269-s trace. Those grid rates are left out of the sweep and recorded."""
+    setting = PLAN.setting("llama7b-l4")
+    traces = burst_slices._traces(setting)
+    assert burst_slices.rates_without_window(setting, traces) == {"burstgpt-head": [5.6, 8.0]}
+    latency = {"ttft_s": {"16": 0.05, "4096": 0.5}, "tpot_bs1_s": 0.02}
+    tasks = burst_slices.rate_tasks(PLAN, setting, traces, fit={}, latency=latency, kv={"main_blocks": 856})
+    burst = {t["key"][2] for t in tasks if t["key"][0] == "burstgpt-head"}
+    assert burst == set(setting.rate_grid) - {5.6, 8.0}
+    assert {t["key"][2] for t in tasks if t["key"][0] == "azure-conv"} == set(setting.rate_grid)

@@ -281,6 +281,12 @@ def setting_trace(trace: Trace, setting: Setting) -> Trace:
     return tokens_scaled(trace, setting.token_divisor)
 
 
+def window_fits(trace: Trace, setting: Setting, rate: float) -> bool:
+    """Whether ``trace`` holds a whole window of ``setting`` at trace-wide rate ``rate`` (``length_s`` of replay
+    time is ``length_s * rate / natural rate`` of the trace: a sparse trace at a high rate has none)."""
+    return setting.length_s * rate / trace.mean_rate <= trace.span_s
+
+
 def make_window(trace: Trace, setting: Setting, kind: str, rate: float, grid_s: float = 1.0) -> Window:
     """The ``kind`` window of ``trace`` at trace-wide rate ``rate``: ``length_s`` of replay time (see ``[windows]``)."""
     f = rate / trace.mean_rate

@@ -19,7 +19,7 @@ import gc
 import time
 
 from morphbook.experiments.burst_plan import (Plan, Setting, controller_spec, make_window, orders, pick_rate,
-                                              replay_key, setting_trace, slo)
+                                              replay_key, setting_trace, slo, window_fits)
 from morphlib.engine.microbench import BenchPlan, copy_bandwidth, run_microbench, unloaded_latency
 from morphlib.engine.steptime import fit_step_time
 from morphlib.engine.sweep import engine_config, metrics, run_sweep, serve, trace_dict
@@ -110,13 +110,21 @@ def _traces(setting: Setting, traces_dir=None) -> dict:
     return {name: setting_trace(load_named(name, traces_dir), setting) for name in setting.traces}
 
 
+def rates_without_window(setting: Setting, traces: dict) -> dict[str, list[float]]:
+    """{trace: the grid rates at which it holds no whole window} (BurstGPT's first 400 rows span 10 h at
+    0.01 req/s: from 5.6 req/s on, a 72-s replay window would need more than the whole trace)."""
+    out = {name: [r for r in setting.rate_grid if not window_fits(trace, setting, r)] for name, trace in traces.items()}
+    return {name: rates for name, rates in out.items() if rates}
+
+
 def rate_tasks(plan: Plan, setting: Setting, traces: dict, fit: dict, latency: dict, kv: dict) -> list[dict]:
-    """Simulator tasks of the rate rule: FP16-static on every (trace, kind, grid rate)."""
+    """Simulator tasks of the rate rule: FP16-static on every (trace, kind, grid rate) at which the trace holds
+    a whole window (``rates_without_window``: those rates are left out of the sweep, and recorded)."""
     fields = sim_fields(setting, engine_fields(setting), kv)
     tasks = []
     for name, trace in traces.items():
         for kind in setting.kinds:
-            for rate in setting.rate_grid:
+            for rate in (r for r in setting.rate_grid if window_fits(trace, setting, r)):
                 w = make_window(trace, setting, kind, rate, plan.windows["grid_s"])
                 tasks.append({"key": [name, kind, rate], "model": setting.sim_model, "engine": fields, "step_time": fit,
                               "trace": trace_dict(w.trace), "measured": w.measured.tolist(),
@@ -183,13 +191,16 @@ def calibrate(plan: Plan, setting: Setting, *, traces_dir=None, workers=None, pr
     fit, report = fit_models(bench["steps"], bench["scenarios"], fields)
     progress(f"step-time model: held-out median error {report['holdout'].get('median_abs_pct', float('nan')):.1f} %")
     traces = _traces(setting, traces_dir)
+    no_window = rates_without_window(setting, traces)
+    for name, rates in no_window.items():
+        progress(f"rate rule {name}: no whole window at {', '.join(f'{r:g}' for r in rates)} req/s (left out)")
     tasks = rate_tasks(plan, setting, traces, fit, latency, eng)
     rows, chosen = apply_rate_rule(plan, tasks, run_sweep(tasks, workers))
     for key, row in chosen.items():
         progress(f"rate rule {key}: {row['rate']:g} req/s ({row['ttft_violation_pct']:.0f} % over the TTFT SLO)")
     return {"format": FORMAT, "kind": "calibration", "setting": setting.name, "prereg": plan.digest,
             "engine_fields": fields, "engine": eng, "bench": bench, "latency": latency, "fit": fit,
-            "fit_report": report, "rate_sweep": rows, "rates": chosen, "seconds": time.perf_counter() - t0}
+            "fit_report": report, "rate_sweep": rows, "rates_without_window": no_window, "rates": chosen, "seconds": time.perf_counter() - t0}
 
 
 def fit_models(steps: list[dict], scenarios: list[str], fields: dict) -> tuple[dict, dict]:
