@@ -43,17 +43,17 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 $py -m pip download -q --no-deps --no-binary :all: -d .gemlite "gemlite==0.6.0.post2"
 echo "model sha256 $(sha256sum "$gguf" | cut -c1-16); cache $cache"
 du -sh .model-a .model-b .gpu-carry .whl .gemma-*
-env="MORPHBOOK_GIT_COMMIT=$(git rev-parse HEAD) MORPHBOOK_GIT_DIRTY=0"
 cat <<TXT
-Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm;
-commit first: the provenance names commit $(git rev-parse --short HEAD)):
-  1. carry [".model-a", ".gemlite"]:           $env bash scripts/gpu_call.sh --tests-in "tests/test_engine_gpu.py tests/test_bench_gemlite.py" --only engine,transfer,kernels
-  2. carry [".model-b", ".gpu-carry", ".whl"]: $env bash scripts/gpu_call.sh --only sensitivity,strategies,overlap
-  3. carry []:                                 $env bash scripts/gpu_call.sh --only domains,burst
-  then chapter 5's slices, one call each:      $env bash scripts/gpu_burst.sh --next 1 --deadline 560
-  Gemma-3 270M: carry [".gemma-N"] with five calls that carry nothing else (call 3, and four slice calls whose
-  command starts with "bash scripts/gpu_call.sh &&", which only stages), then, with the corpus staged by call 2
+Device calls (kind nvidia-h200; each within 30 s of the previous one, while the machine is warm; commit, then
+bash scripts/gpu_commit.sh, and carry .gpu-commit with every call: the results name that commit):
+  1. carry [".model-a", ".gemlite", ".gpu-commit"]: bash scripts/gpu_call.sh --tests-in "tests/test_engine_gpu.py tests/test_engine_fused.py tests/test_int4_gpu.py"
+     (after a change to the engine's matrices, first: python3 -m morphlib bench --tune-missing; commit the table)
+  2. carry [".model-b", ".gemlite", ".gpu-commit"]: bash scripts/gpu_call.sh --only engine,kernels,transfer
+  3. carry [".gpu-carry", ".whl", ".gpu-commit"]:   bash scripts/gpu_call.sh --only sensitivity,strategies,overlap   (or overlap,domains)
+  then chapter 5's slices, one call each:          bash scripts/gpu_burst.sh --next 1 --deadline 560
+  Gemma-3 270M: carry [".gemma-N", ".gpu-commit"] with five calls that carry little else (slice calls whose command
+  starts with "bash scripts/gpu_call.sh &&", which only stages), then, with the corpus staged by call 3
   on the same warm machine:
-                                               $env bash scripts/gpu_call.sh --model gemma3-270m --only sensitivity,strategies
+                                                   bash scripts/gpu_call.sh --model gemma3-270m --only sensitivity,strategies
 After each call: tar xzf <files_at>/gpu-results.tar.gz (burst-records.tar.gz for a slice) in the repository root.
 TXT
