@@ -234,14 +234,20 @@ alt.Chart(sp).mark_bar().encode(x=alt.X("value:Q", title="trials"), y=alt.Y("cou
 # :format: myst
 # ```
 #
-# The pooled verdicts above mix two held-out domains, one of which (addresses 2001–2021) shares the
+# The pooled verdicts above mix the held-out domains, one of which (addresses 2001–2021) shares the
 # calibration domain's genre. Here the block's pooled win rate over k is computed on each domain's
 # windows alone, for every domain the domains results hold (0.5 = no difference; the 95 % CI
-# resamples whole windows).
+# resamples whole windows), and the verdict rules are applied to each:
+#
+# ```{glue:md} ch2-domain-verdicts
+# :format: myst
+# ```
 
 # %%
 by_dom = {role: HD.get(f"heldout_win_rate_block_vs_{key}_by_domain") for role, key in
           (("greedy LIS", "greedy_lis"), ("best scattered", "best_scattered"))}
+verdicts = {key: HD.get(f"verdict_{key}_by_domain", {}) for key in ("contiguous_vs_lis", "contiguous_vs_best_scattered")}
+glue("ch2-domain-verdicts", reading.domain_verdicts_prose(verdicts, HD.get("genre_by_domain")), markdown=True)
 if by_dom["greedy LIS"] is None:
     print("These results hold no per-domain comparison (made before it existed, or turned off).")
 else:
@@ -259,7 +265,6 @@ else:
     half = alt.Chart(pd.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="x:Q")
     display((bars + pts + half).properties(width=480, height=40 * D["domain"].nunique() + 40,
                                            title="Does the block win on each domain?"))
-    verdicts = {key: HD.get(f"verdict_{key}_by_domain", {}) for key in ("contiguous_vs_lis", "contiguous_vs_best_scattered")}
     show_table([{"domain": reading.domain_name(dom), "ppl16": ppl16.get(dom),
                  "lis": f"{fmt.num(v['win_rate'])} ({fmt.interval(*v['ci95'])}; {fmt.pval(v['sign_test_p'])})",
                  "lis_verdict": reading.verdict_label(verdicts["contiguous_vs_lis"].get(dom, "n/a: ")),

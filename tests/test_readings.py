@@ -320,3 +320,16 @@ def test_tpot_sentence_condition():
             "tpot_ratio_median": 1.011}
     assert "equal within 5 %" in said(vllm.tpot_sentence, head)
     assert "**not** within 5 %" in said(vllm.tpot_sentence, {**head, "tpot_ratio_swapped_vs_fp16": 1.2})
+
+
+def test_domain_verdicts_prose_names_every_domain_its_genre_and_outcome():
+    from morphbook.publish.readings import strategies as reading
+
+    verdicts = {"contiguous_vs_lis": {"spdx-licences": "not supported: greedy LIS beats the contiguous block (win rate 0.36, p=0.0021)",
+                                      "email-2002": "not supported: no overall difference (win rate 0.49, p=0.86)"},
+                "contiguous_vs_best_scattered": {"moby-dick": "holds: the block wins (win rate 0.70, p=0.001)"}}
+    text = reading.domain_verdicts_prose(verdicts, {"spdx-licences": "licence texts", "moby-dick": "narrative fiction"})
+    assert text.startswith("Against greedy LIS, held-out domain by domain: spdx-licences (licence texts), not supported — "
+                           "greedy LIS beats the contiguous block (win rate 0.36, p=0.0021); email 2002, not supported")
+    assert "Against the best scattered set, held-out domain by domain: Moby-Dick (narrative fiction), holds — the block wins" in text
+    assert reading.domain_verdicts_prose({}) == "*These results hold no per-domain verdicts.*"

@@ -37,6 +37,23 @@ def strategy_name(key: str) -> str:
     return NAMES.get(key, key.replace("_", " "))
 
 
+def domain_verdicts_prose(verdicts: dict[str, dict[str, str]], genres: dict[str, str] | None = None) -> str:
+    """The per-domain verdicts in prose: for greedy LIS and for the best scattered set, each held-out domain
+    (with its genre) and what the verdict rule found there, from the domains results' verdict strings
+    (``{"contiguous_vs_lis": {domain: verdict}, "contiguous_vs_best_scattered": {...}}``)."""
+    genres = genres or {}
+    parts = []
+    for role, versus in (("contiguous_vs_lis", "greedy LIS"), ("contiguous_vs_best_scattered", "the best scattered set")):
+        rows = verdicts.get(role) or {}
+        if not rows:
+            continue
+        items = "; ".join(f"{domain_name(d)}" + (f" ({genres[d]})" if d in genres else "")
+                          + f", {verdict_label(v)}" + (f" — {v.split(':', 1)[1].strip()}" if ":" in v else "")
+                          for d, v in rows.items())
+        parts.append(f"Against {versus}, held-out domain by domain: {items}.")
+    return " ".join(parts) or "*These results hold no per-domain verdicts.*"
+
+
 def verdict_label(verdict: str) -> str:
     """The rule's outcome, the part of a verdict string before its colon: 'not supported', 'partly supported'..."""
     head = verdict.split(":", 1)[0].strip()
