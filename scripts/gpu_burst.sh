@@ -28,11 +28,7 @@ while [ $# -gt 0 ]; do
     *) slices+=("$1"); shift ;;
   esac
 done
-if [ -z "${MORPHBOOK_GIT_COMMIT:-}" ] && [ -f .gpu-commit ]; then  # written by scripts/gpu_commit.sh on a clean tree
-  export MORPHBOOK_GIT_COMMIT="$(cat .gpu-commit)" MORPHBOOK_GIT_DIRTY=0
-fi
-[ -n "${MORPHBOOK_GIT_COMMIT:-}" ] || git rev-parse HEAD >/dev/null 2>&1 || {
-  echo "error: no .git here: carry .gpu-commit (bash scripts/gpu_commit.sh) or pass MORPHBOOK_GIT_COMMIT=<sha>" >&2; exit 2; }
+source scripts/gpu_provenance.sh  # the commit the results name
 start=$(date +%s)
 stamp=$(mktemp); touch "$stamp"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/burst.log"

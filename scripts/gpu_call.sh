@@ -69,11 +69,7 @@ fi
 if [ -f .gpu-carry/genres.tgz ]; then
   mkdir -p "$MORPHLIB_CACHE" && tar xzf .gpu-carry/genres.tgz -C "$MORPHLIB_CACHE" && echo "genre texts unpacked" || exit 1
 fi
-if [ -z "${MORPHBOOK_GIT_COMMIT:-}" ] && [ -f .gpu-commit ]; then  # written by scripts/gpu_commit.sh on a clean tree
-  export MORPHBOOK_GIT_COMMIT="$(cat .gpu-commit)" MORPHBOOK_GIT_DIRTY=0
-fi
-[ -n "${MORPHBOOK_GIT_COMMIT:-}" ] || git rev-parse HEAD >/dev/null 2>&1 || {
-  echo "error: no .git here: carry .gpu-commit (bash scripts/gpu_commit.sh) or pass MORPHBOOK_GIT_COMMIT=<sha>" >&2; exit 2; }
+source scripts/gpu_provenance.sh  # the commit the results name
 if [ "$tests" = 1 ]; then
   echo "== GPU tests"
   # shellcheck disable=SC2086  # one word per test file

@@ -102,16 +102,18 @@ def _bench(args) -> None:
     if args.tune or args.tune_missing:
         from morphlib.quant import int4
 
-        name = torch.cuda.get_device_name(args.device or 0) if torch.cuda.is_available() else None
-        if name is None:
+        if not torch.cuda.is_available():
             raise MorphError("--tune needs a CUDA GPU (none is visible)")
+        name = torch.cuda.get_device_name(args.device or 0)
         old = int4.tuning_table().get("devices", {}).get(name) if args.tune_missing else None
         if args.tune_missing:
             shapes = qb.missing_shapes(old, models=args.models, group_sizes=args.group_sizes)
             print(f"tune: {len(shapes)} shape(s) missing from {name}'s table: "
                   + (", ".join(f"{s['n']}x{s['k']} ({'/'.join(s['linears'])})" for s in shapes) or "none"))
+            if not shapes and old is not None:
+                return  # the table has every shape already
         record = qb.run_tune(models=args.models, shapes=shapes, rows=args.rows, group_sizes=args.group_sizes,
-                             device=args.device, deadline_s=args.tune_deadline) if shapes != [] else None
+                             device=args.device, deadline_s=args.tune_deadline)
         record = qb.merge_record(old, record) if args.tune_missing else record
         table = qb.install_table(name, record)
         out = args.table_out or str(int4.TABLE_PATH)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from morphlib.bench import gemlite
 from morphlib.bench.timing import copy_bandwidth_gbps, time_cpu, time_cuda
 from morphlib.device import resolve_device
+from morphlib.engine.memory import FUSED, stacked_shape
 from morphlib.errors import MorphError
 from morphlib.quant import int4
 from morphlib.shapes import SHAPES, int4_nbytes, linear_shapes
@@ -65,8 +66,7 @@ def model_shapes(models=MODELS, group_size: int = 64, fused: bool = False) -> li
         by_shape: dict[tuple[int, int], list[str]] = {}
         shapes = linear_shapes(SHAPES[model])
         if fused:
-            (q, h), (kv, _), (i, _) = shapes["q_proj"], shapes["k_proj"], shapes["gate_proj"]
-            shapes = {**shapes, "qkv": (q + 2 * kv, h), "gate_up": (2 * i, h)}
+            shapes = {**shapes, **{m: stacked_shape(shapes, FUSED[m]) for m in ("qkv", "gate_up")}}
         for name, (n, k) in shapes.items():
             by_shape.setdefault((n, k), []).append(name)
         for (n, k), names in by_shape.items():
